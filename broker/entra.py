@@ -1,0 +1,371 @@
+"""Token acquisition from Entra ID with MSAL, and the translation of its failures into BrokerErrors.
+
+MSAL Python is synchronous: every call (including ``ConfidentialClientApplication`` construction, which
+does a blocking OIDC discovery GET) runs in a bounded thread pool, never on the event loop. One
+long-lived client per (app, tenant), bounded by an LRU, rebuilt when the app credential rotates.
+
+MSAL's own caches are disabled on purpose (FIELD-NOTES #4, #5): the broker's cache is the only one,
+so a refresh ahead of expiry really reaches Entra, and MSAL's replay of throttled or failed answers
+does not hide a newly granted consent or distort our own backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import msal
+import requests
+
+from broker.errors import (
+    BrokerError,
+    ConsentRequiredError,
+    CredentialRejectedError,
+    TemporarilyUnavailableError,
+    TenantRefusedError,
+    UnknownTenantError,
+    UpstreamError,
+)
+from broker.tokens import AccessToken
+
+if TYPE_CHECKING:
+    from broker.config import Settings
+    from broker.metrics import Metrics
+    from broker.vault import AppCredential, CredentialStore
+
+log = logging.getLogger(__name__)
+
+CONSENT_CODES = frozenset({700016, 7000229, 65001, 650056, 90094})
+UNKNOWN_TENANT_CODES = frozenset({90002})
+TENANT_PERMANENT_CODES = frozenset({500011, 53003})
+CREDENTIAL_CODES = frozenset({7000215, 7000222, 700027, 7000112})
+TRANSIENT_CODES = frozenset({90055, 50196})
+DEFAULT_RETRY_AFTER_SECONDS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class EntraFailure:
+    """The parts of an Entra error worth acting on; never the raw description (it can quote input)."""
+
+    error: str
+    code: int | None
+    http_status: int | None = None
+    retry_after: int | None = None
+
+
+def consent_url(
+    authority_host: str,
+    tenant: str,
+    client_id: str,
+    resource: str,
+    redirect_uri: str | None = None,
+    state: str | None = None,
+) -> str:
+    """The v2 admin-consent link for a tenant (FIELD-NOTES #9)."""
+    params = {"client_id": client_id, "scope": f"{resource}/.default"}
+    if redirect_uri:
+        params["redirect_uri"] = redirect_uri
+    if state:
+        params["state"] = state
+    query = "&".join(f"{k}={quote(v, safe='')}" for k, v in params.items())
+    return f"{authority_host}/{tenant}/v2.0/adminconsent?{query}"
+
+
+def classify(failure: EntraFailure, *, tenant: str, consent_link: str) -> BrokerError:
+    """Map an Entra failure to the broker's error table (FIELD-NOTES #8)."""
+    aadsts = f"AADSTS{failure.code}" if failure.code else None
+    code = failure.code or 0
+    if code in CONSENT_CODES:
+        return ConsentRequiredError(
+            f"the app is not consented in tenant {tenant}: an administrator must grant consent",
+            aadsts=aadsts,
+            consent_url=consent_link,
+        )
+    if code in UNKNOWN_TENANT_CODES:
+        return UnknownTenantError(f"Entra ID does not know tenant {tenant}", aadsts=aadsts)
+    if code in CREDENTIAL_CODES:
+        return CredentialRejectedError(
+            "Entra ID rejected the app credential; the operator must fix it", aadsts=aadsts
+        )
+    if code in TENANT_PERMANENT_CODES:
+        return TenantRefusedError(
+            f"Entra ID refused tokens for this resource in tenant {tenant}", aadsts=aadsts
+        )
+    transient = (
+        code in TRANSIENT_CODES
+        or failure.error in ("temporarily_unavailable", "server_error")
+        or (failure.http_status is not None and (failure.http_status == 429 or failure.http_status >= 500))
+    )
+    if transient:
+        return TemporarilyUnavailableError(
+            "Entra ID is throttling or unavailable; retry later",
+            retry_after=failure.retry_after or DEFAULT_RETRY_AFTER_SECONDS,
+            aadsts=aadsts,
+        )
+    return UpstreamError(f"Entra ID answered {failure.error or 'an unexpected response'}", aadsts=aadsts)
+
+
+def _failure_from_result(result: dict[str, Any]) -> EntraFailure:
+    codes = result.get("error_codes") or []
+    code = (
+        int(codes[0])
+        if codes and str(codes[0]).isdigit()
+        else _code_in(str(result.get("error_description", "")))
+    )
+    return EntraFailure(str(result.get("error", "")), code)
+
+
+def _code_in(text: str) -> int | None:
+    match = re.search(r"AADSTS(\d+)", text)
+    return int(match.group(1)) if match else None
+
+
+class _NoReplay(dict[str, Any]):
+    """An ``http_cache`` that stores nothing: MSAL's replay of failures would mask recoveries."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        return
+
+
+class _NoTokenCache(msal.TokenCache):  # type: ignore[misc]  # msal ships no type hints
+    """MSAL must not answer from its own cache: refreshes are ours to schedule (FIELD-NOTES #4)."""
+
+    def add(self, event: Any, **kwargs: Any) -> None:
+        return
+
+
+class _RecordingSession(requests.Session):
+    """A requests session with a timeout and a memory of the last response's status and Retry-After."""
+
+    def __init__(self, verify: str | bool, timeout_seconds: float) -> None:
+        super().__init__()
+        # trust_env=False: REQUESTS_CA_BUNDLE would silently override `verify` (FIELD-NOTES).
+        self.trust_env = False
+        self.verify = verify
+        self._timeout_seconds = timeout_seconds
+        self.last = threading.local()
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", self._timeout_seconds)
+        response = super().request(method, url, *args, **kwargs)
+        self.last.status = response.status_code
+        self.last.retry_after = response.headers.get("Retry-After")
+        return response
+
+
+def _parse_retry_after(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return max(1, int(float(value)))
+    except ValueError:
+        return None
+
+
+class EntraClient:
+    """Acquires app tokens per (app, tenant, resource); translates every MSAL outcome."""
+
+    def __init__(
+        self, settings: Settings, metrics: Metrics, credentials: CredentialStore, ca_bundle: str | None
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._credentials = credentials
+        self._executor = ThreadPoolExecutor(max_workers=settings.msal_max_workers, thread_name_prefix="msal")
+        self._session = _RecordingSession(ca_bundle or True, settings.upstream_timeout_seconds)
+        adapter = requests.adapters.HTTPAdapter(
+            pool_connections=4, pool_maxsize=settings.msal_max_workers * 2
+        )
+        self._session.mount("https://", adapter)
+        self._clients: OrderedDict[tuple[str, str], tuple[str, msal.ConfidentialClientApplication]] = (
+            OrderedDict()
+        )
+        self._clients_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._session.close()
+
+    def consent_url(self, app: str, tenant: str, resource: str) -> str:
+        return consent_url(
+            self._settings.authority_host, tenant, self._settings.apps[app].client_id, resource
+        )
+
+    async def acquire(self, app: str, tenant: str, resource: str) -> AccessToken:
+        """One Entra token request; on a rejected credential, reload it once and retry."""
+        credential = await self._credentials.app_credential(app)
+        try:
+            return await self._acquire_with(app, tenant, resource, credential)
+        except CredentialRejectedError:
+            # Rotation in Key Vault shows up as invalid_client here: re-read once, then fail loudly.
+            log.warning("app credential rejected; reloading it once", extra={"app": app})
+            fresh = await self._credentials.app_credential(app, force=True)
+            try:
+                return await self._acquire_with(app, tenant, resource, fresh)
+            except CredentialRejectedError:
+                self._metrics.credential_failures.labels(app=app).inc()
+                raise
+
+    async def _acquire_with(
+        self, app: str, tenant: str, resource: str, credential: AppCredential
+    ) -> AccessToken:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        call = partial(self._acquire_sync, app, tenant, resource, credential)
+        try:
+            result, status, retry_after = await asyncio.wait_for(
+                loop.run_in_executor(self._executor, call),
+                timeout=self._settings.upstream_timeout_seconds * 2,
+            )
+        except BrokerError as exc:
+            self._record(app, started, exc)
+            raise
+        except TimeoutError:
+            exc2 = TemporarilyUnavailableError("Entra ID did not answer in time", retry_after=5)
+            self._record(app, started, exc2)
+            raise exc2 from None
+        if "access_token" in result:
+            self._record(app, started, None)
+            return AccessToken.from_jwt(
+                result["access_token"], expires_in=float(result.get("expires_in", 0)), resource=resource
+            )
+        failure = _failure_from_result(result)
+        if status == 429 or (status is not None and status >= 500):
+            failure = EntraFailure(failure.error, failure.code, status, retry_after)
+        error = classify(failure, tenant=tenant, consent_link=self.consent_url(app, tenant, resource))
+        self._record(app, started, error)
+        log.info(
+            "entra refused a token",
+            extra={
+                "app": app,
+                "tenant": tenant,
+                "resource": resource,
+                "entra_error": failure.error,
+                "aadsts": failure.code,
+                "trace_id": result.get("trace_id"),
+                "correlation_id": result.get("correlation_id"),
+            },
+        )
+        raise error
+
+    def _record(self, app: str, started: float, error: BrokerError | None) -> None:
+        outcome = "ok" if error is None else error.error
+        aadsts = str(error.context.get("aadsts", "")) if error is not None else ""
+        self._metrics.upstream_requests.labels(app=app, outcome=outcome, aadsts=aadsts).inc()
+        self._metrics.upstream_request_seconds.labels(outcome=outcome).observe(time.monotonic() - started)
+
+    # --- runs in the executor -------------------------------------------------------------------
+
+    def _acquire_sync(
+        self, app: str, tenant: str, resource: str, credential: AppCredential
+    ) -> tuple[dict[str, Any], int | None, int | None]:
+        client = self._client_sync(app, tenant, resource, credential)
+        try:
+            result = client.acquire_token_for_client(scopes=[f"{resource}/.default"])
+        except requests.RequestException as exc:
+            raise self._transport_error(exc) from None
+        except (msal.exceptions.MsalServiceError, ValueError) as exc:
+            # MSAL raises for 5xx and for a 429 with a non-JSON body (FIELD-NOTES #5).
+            status = getattr(self._session.last, "status", None)
+            if status is not None and status < 429:
+                raise UpstreamError("Entra ID answered something unexpected") from exc
+            retry_after = _parse_retry_after(getattr(self._session.last, "retry_after", None))
+            raise TemporarilyUnavailableError(
+                "Entra ID is throttling or unavailable; retry later",
+                retry_after=retry_after or DEFAULT_RETRY_AFTER_SECONDS,
+            ) from exc
+        status = getattr(self._session.last, "status", None)
+        retry_after = _parse_retry_after(getattr(self._session.last, "retry_after", None))
+        return result, status, retry_after
+
+    def _client_sync(
+        self, app: str, tenant: str, resource: str, credential: AppCredential
+    ) -> msal.ConfidentialClientApplication:
+        key = (app, tenant)
+        with self._clients_lock:
+            entry = self._clients.get(key)
+            if entry is not None and entry[0] == credential.fingerprint:
+                self._clients.move_to_end(key)
+                return entry[1]
+        client = self._build_client(app, tenant, resource, credential)
+        with self._clients_lock:
+            self._clients[key] = (credential.fingerprint, client)
+            self._clients.move_to_end(key)
+            while len(self._clients) > self._settings.msal_clients_max:
+                self._clients.popitem(last=False)
+        return client
+
+    def _build_client(
+        self, app: str, tenant: str, resource: str, credential: AppCredential
+    ) -> msal.ConfidentialClientApplication:
+        settings = self._settings.apps[app]
+        client_credential: Any
+        if credential.is_certificate:
+            client_credential = {
+                "private_key": credential.private_key_pem,
+                "public_certificate": credential.certificate_pem,
+            }
+        else:
+            client_credential = credential.client_secret
+        try:
+            return msal.ConfidentialClientApplication(
+                settings.client_id,
+                client_credential=client_credential,
+                authority=f"{self._settings.authority_host}/{tenant}",
+                # Instance discovery asks login.microsoftonline.com about the host; the authority is
+                # configured explicitly (sovereign clouds, the emulator), so skip it.
+                instance_discovery=False,
+                azure_region=None,  # never a region for a multi-tenant app (AADSTS100007)
+                http_client=self._session,
+                http_cache=_NoReplay(),
+                token_cache=_NoTokenCache(),
+            )
+        except requests.RequestException as exc:
+            raise self._transport_error(exc) from None
+        except ValueError as exc:
+            # An unknown tenant fails discovery with a ValueError whose context holds the status and
+            # Entra's body (FIELD-NOTES #2). Parse the code out; never echo the text.
+            inner = str(exc.__context__ or exc)
+            status_match = re.search(r"HTTP status: (\d+)", inner)
+            status = int(status_match.group(1)) if status_match else None
+            code = _code_in(inner)
+            failure = EntraFailure(_error_in(inner), code, status)
+            raise classify(
+                failure, tenant=tenant, consent_link=self.consent_url(app, tenant, resource)
+            ) from None
+
+    @staticmethod
+    def _transport_error(exc: requests.RequestException) -> BrokerError:
+        if isinstance(exc, requests.HTTPError) and exc.response is not None:
+            status = exc.response.status_code
+            retry_after = _parse_retry_after(exc.response.headers.get("Retry-After"))
+            if status == 429 or status >= 500:
+                return TemporarilyUnavailableError(
+                    f"Entra ID answered HTTP {status}; retry later",
+                    retry_after=retry_after or DEFAULT_RETRY_AFTER_SECONDS,
+                )
+            return UpstreamError(f"Entra ID answered HTTP {status}")
+        return TemporarilyUnavailableError(
+            f"cannot reach Entra ID ({type(exc).__name__})", retry_after=DEFAULT_RETRY_AFTER_SECONDS
+        )
+
+
+def _error_in(text: str) -> str:
+    start = text.find("{")
+    if start < 0:
+        return ""
+    try:
+        body = json.loads(text[start:])
+    except ValueError:
+        return ""
+    return str(body.get("error", "")) if isinstance(body, dict) else ""

@@ -1,0 +1,101 @@
+"""Every Prometheus metric of the broker, registered on an injected ``CollectorRegistry``.
+
+Nothing touches the global registry, so two apps in one process (tests) do not collide. Labels are
+bounded: caller and app names come from the configuration, outcomes and layers from fixed sets, AADSTS
+codes from Entra's finite list. Tenant ids are never labels (unbounded); per-tenant detail is in logs.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from broker import __version__
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_REMAINING_BUCKETS = (60, 300, 600, 900, 1200, 1800, 2400, 3000, 3600, 4800, 5400)
+
+
+class Metrics:
+    """The broker's metrics; one instance per app, on its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.token_requests = Counter(
+            "broker_token_requests",
+            "Token requests by caller and outcome.",
+            ["caller", "outcome"],
+            registry=r,
+        )
+        self.token_request_seconds = Histogram(
+            "broker_token_request_seconds",
+            "Token request latency by outcome.",
+            ["outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cache_lookups = Counter(
+            "broker_cache_lookups",
+            "Token cache lookups by layer (l1|redis) and result (hit|miss|error).",
+            ["layer", "result"],
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "broker_upstream_requests",
+            "Entra token requests by app, outcome and AADSTS code.",
+            ["app", "outcome", "aadsts"],
+            registry=r,
+        )
+        self.upstream_request_seconds = Histogram(
+            "broker_upstream_request_seconds",
+            "Entra token request latency by outcome.",
+            ["outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.singleflight_coalesced = Counter(
+            "broker_singleflight_coalesced",
+            "Requests that waited on another request's acquisition.",
+            registry=r,
+        )
+        self.refresh = Counter(
+            "broker_refresh",
+            "Background refreshes ahead of expiry by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.keyvault_requests = Counter(
+            "broker_keyvault_requests",
+            "Key Vault fetches by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "broker_redis_errors",
+            "Redis operations that failed (the broker fails open).",
+            registry=r,
+        )
+        self.negative_cache_hits = Counter(
+            "broker_negative_cache_hits",
+            "Requests answered from the remembered permanent failures.",
+            registry=r,
+        )
+        self.cached_tokens = Gauge(
+            "broker_cached_tokens",
+            "Tokens held in this process's L1 cache.",
+            registry=r,
+        )
+        self.served_token_remaining_seconds = Histogram(
+            "broker_served_token_remaining_seconds",
+            "Remaining lifetime of tokens handed to callers.",
+            buckets=_REMAINING_BUCKETS,
+            registry=r,
+        )
+        self.credential_failures = Counter(
+            "broker_credential_failures",
+            "App credential rejected by Entra (after a reload) by app.",
+            ["app"],
+            registry=r,
+        )
+        self.build_info = Info("broker_build", "token-broker build information.", registry=r)
+        self.build_info.info({"version": __version__})
