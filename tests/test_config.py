@@ -86,7 +86,7 @@ def test_load_settings_reports_bad_yaml_and_missing_file(tmp_path: Path) -> None
 
 def test_embedded_defaults_need_client_id_and_caller_hash() -> None:
     """Without a file, the defaults are built from BROKER_CLIENT_ID and BROKER_CALLER_KEY_SHA256."""
-    with pytest.raises(ConfigError, match="apps.default.client_id"):
+    with pytest.raises(ConfigError, match=r"apps\.default\.client_id"):
         load_settings(None, environ={})
     settings = load_settings(None, environ={"BROKER_CLIENT_ID": CLIENT_ID,
                                             "BROKER_CALLER_KEY_SHA256": HASH})

@@ -22,7 +22,8 @@ def test_from_jwt_reads_claims_and_hides_the_token() -> None:
     assert ("t-1", ("Incident.Read.All",), "u-1", 4600.0) == (
         token.tenant_id, token.roles, token.uti, token.expires_on)
     assert raw not in repr(token)
-    assert ["AdvancedHunting.Read.All"] == token.missing_roles(("Incident.Read.All", "AdvancedHunting.Read.All"))
+    wanted = ("Incident.Read.All", "AdvancedHunting.Read.All")
+    assert ["AdvancedHunting.Read.All"] == token.missing_roles(wanted)
 
 
 def test_decode_claims_tolerates_garbage() -> None:

@@ -1,0 +1,37 @@
+# The same commands CI runs (.ci/run calls `make test`).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: help install run test unit lint deploy-check bench demo clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml scripts/install-system-deps.sh
+	bash scripts/install-system-deps.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv with the service and test tools (and redis-server if missing)
+
+run: $(STAMP)  ## run the service (BROKER_CONFIG or the embedded defaults; see README)
+	$(BIN)/token-broker serve
+
+lint: $(STAMP)  ## ruff and mypy --strict
+	$(BIN)/ruff check broker tests
+	$(BIN)/mypy
+
+unit: $(STAMP)  ## the test suite only
+	$(BIN)/python -m pytest -q
+
+deploy-check: $(STAMP)  ## helm lint/template + kubernetes-validate, yamllint, hadolint
+	bash deploy/validate.sh
+
+test: lint unit deploy-check  ## everything CI checks: lint, the whole suite, deployment files
+
+clean:  ## remove the virtualenv, tools and caches
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache
