@@ -183,6 +183,9 @@ class Settings(_Frozen):
     credential_refresh_seconds: float = Field(default=3600.0, ge=10)
     max_body_bytes: int = Field(default=4096, ge=256, le=1_048_576)
     drain_seconds: float = Field(default=10.0, ge=0, le=300)
+    # How long one replica may hold a key's acquisition lease before another takes over (a crashed
+    # holder blocks the key this long at most). Default: 2 x upstream_timeout_seconds + 5.
+    lease_seconds: float | None = Field(default=None, gt=0, le=600)
 
     @field_validator("redis_url")
     @classmethod

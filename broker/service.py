@@ -75,14 +75,12 @@ class TokenBroker:
         metrics: Metrics,
         cache: TokenCache,
         source: TokenSource,
-        *,
-        lease_seconds: float | None = None,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._cache = cache
         self._source = source
-        self._lease_seconds = lease_seconds or settings.upstream_timeout_seconds * 2 + 5
+        self._lease_seconds = settings.lease_seconds or settings.upstream_timeout_seconds * 2 + 5
         self._inflight: dict[TokenKey, asyncio.Task[tuple[AccessToken, str]]] = {}
         self._negative: dict[TokenKey, tuple[float, BrokerError]] = {}
         self._refreshing: dict[TokenKey, float] = {}  # key -> monotonic time of the last attempt
