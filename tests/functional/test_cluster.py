@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import random
@@ -84,7 +85,9 @@ def _audit_lines(broker: BrokerProcess) -> list[dict[str, Any]]:
     return lines
 
 
-async def test_refresh_ahead_under_steady_load(world: World, start_broker: StartBroker, redis_url: str) -> None:
+async def test_refresh_ahead_under_steady_load(
+    world: World, start_broker: StartBroker, redis_url: str
+) -> None:
     """30-s tokens under 75 s of steady load from several callers over 3 replicas: each key is
     acquired no more often than the refresh rule allows (+1), and after warm-up every request is
     served from cache: refreshes happen in the background while callers keep the valid token."""
@@ -158,10 +161,8 @@ def test_killed_lease_holder_is_taken_over_within_the_lease(
     body = {"tenant": tenant, "resource": DEFENDER}
 
     def doomed() -> None:
-        try:
+        with contextlib.suppress(requests.RequestException):  # this caller's replica is about to die
             ask(holder, world.soar_key, body)
-        except requests.RequestException:
-            pass  # this caller's replica is about to die
 
     thread = threading.Thread(target=doomed, daemon=True)
     thread.start()
