@@ -355,7 +355,7 @@ class EmulatorState:
         """A token lifetime in [lifetime, lifetime + jitter], as Entra randomises it."""
         if self.token_lifetime_jitter <= 0:
             return self.token_lifetime
-        return self.token_lifetime + random.randint(0, self.token_lifetime_jitter)  # noqa: S311
+        return self.token_lifetime + random.randint(0, self.token_lifetime_jitter)
 
     def set_token_lifetime(self, seconds: int, jitter_seconds: int = 0) -> None:
         """Set the lifetime of every token issued from now on."""
