@@ -72,6 +72,11 @@ class TokenCache:
     def shared(self) -> bool:
         return self._redis is not None
 
+    @property
+    def shared_available(self) -> bool:
+        """Redis is configured and not in its post-error back-off."""
+        return self._redis_usable() is not None
+
     # --- L1 ---------------------------------------------------------------------------------
 
     def get_local(self, key: TokenKey) -> AccessToken | None:
@@ -201,6 +206,28 @@ class TokenCache:
         except ValueError:
             return None
         return body if isinstance(body, dict) else None
+
+    async def set_throttle(self, app: str, tenant: str, seconds: float) -> None:
+        """Tell every replica that Entra asked this (app, tenant) to hold off for ``seconds``."""
+        redis = self._redis_usable()
+        if redis is None or seconds <= 0:
+            return
+        try:
+            await redis.set(f"{_PREFIX}:throttle:{app}:{tenant}", b"1", px=int(seconds * 1000))
+        except (RedisError, OSError) as exc:
+            self._redis_failed("throttle", exc)
+
+    async def throttled_for(self, app: str, tenant: str) -> float:
+        """Seconds left of a throttle another replica (or this one) recorded; 0 when none."""
+        redis = self._redis_usable()
+        if redis is None:
+            return 0.0
+        try:
+            remaining_ms = await redis.pttl(f"{_PREFIX}:throttle:{app}:{tenant}")
+        except (RedisError, OSError) as exc:
+            self._redis_failed("throttle", exc)
+            return 0.0
+        return max(0.0, remaining_ms / 1000)
 
     async def ping(self) -> bool:
         if self._redis is None:

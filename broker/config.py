@@ -178,13 +178,19 @@ class Settings(_Frozen):
     msal_clients_max: int = Field(default=2048, ge=1)
     l1_max_tokens: int = Field(default=100_000, ge=1)
     upstream_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    # Retries of throttled or failed Entra calls (exponential backoff, full jitter, Retry-After
+    # honoured) stop when the next wait would end after this many seconds: the caller then gets 503.
+    upstream_retry_seconds: float = Field(default=8.0, ge=0, le=60)
     redis_timeout_seconds: float = Field(default=0.5, gt=0, le=30)
     negative_cache_seconds: float = Field(default=30.0, ge=0, le=3600)
-    credential_refresh_seconds: float = Field(default=3600.0, ge=10)
+    credential_refresh_seconds: float = Field(default=3600.0, ge=1)
+    # A rejected credential triggers a reload at most this often (Key Vault allows ~4,000 GETs/10 s).
+    credential_min_reload_seconds: float = Field(default=5.0, ge=0, le=3600)
     max_body_bytes: int = Field(default=4096, ge=256, le=1_048_576)
     drain_seconds: float = Field(default=10.0, ge=0, le=300)
     # How long one replica may hold a key's acquisition lease before another takes over (a crashed
-    # holder blocks the key this long at most). Default: 2 x upstream_timeout_seconds + 5.
+    # holder blocks the key this long at most).
+    # Default: upstream_retry_seconds + 2 x upstream_timeout_seconds + 5.
     lease_seconds: float | None = Field(default=None, gt=0, le=600)
 
     @field_validator("redis_url")

@@ -33,6 +33,7 @@ from broker.errors import (
     CredentialRejectedError,
     TemporarilyUnavailableError,
     TenantRefusedError,
+    ThrottledError,
     UnknownTenantError,
     UpstreamError,
 )
@@ -107,9 +108,11 @@ def classify(failure: EntraFailure, *, tenant: str, consent_link: str) -> Broker
         or (failure.http_status is not None and (failure.http_status == 429 or failure.http_status >= 500))
     )
     if transient:
-        return TemporarilyUnavailableError(
+        cls = ThrottledError if failure.http_status == 429 else TemporarilyUnavailableError
+        return cls(
             "Entra ID is throttling or unavailable; retry later",
             retry_after=failure.retry_after or DEFAULT_RETRY_AFTER_SECONDS,
+            hinted=failure.retry_after is not None,
             aadsts=aadsts,
         )
     return UpstreamError(f"Entra ID answered {failure.error or 'an unexpected response'}", aadsts=aadsts)
@@ -205,16 +208,19 @@ class EntraClient:
         """One Entra token request; on a rejected credential, reload it once and retry."""
         credential = await self._credentials.app_credential(app)
         try:
-            return await self._acquire_with(app, tenant, resource, credential)
+            token = await self._acquire_with(app, tenant, resource, credential)
         except CredentialRejectedError:
             # Rotation in Key Vault shows up as invalid_client here: re-read once, then fail loudly.
             log.warning("app credential rejected; reloading it once", extra={"app": app})
             fresh = await self._credentials.app_credential(app, force=True)
             try:
-                return await self._acquire_with(app, tenant, resource, fresh)
-            except CredentialRejectedError:
+                token = await self._acquire_with(app, tenant, resource, fresh)
+            except CredentialRejectedError as exc:
                 self._metrics.credential_failures.labels(app=app).inc()
+                self._credentials.mark_rejected(app, str(exc.context.get("aadsts", "")))
                 raise
+        self._credentials.mark_accepted(app)
+        return token
 
     async def _acquire_with(
         self, app: str, tenant: str, resource: str, credential: AppCredential
@@ -280,9 +286,11 @@ class EntraClient:
             if status is not None and status < 429:
                 raise UpstreamError("Entra ID answered something unexpected") from exc
             retry_after = _parse_retry_after(getattr(self._session.last, "retry_after", None))
-            raise TemporarilyUnavailableError(
+            cls = ThrottledError if status == 429 else TemporarilyUnavailableError
+            raise cls(
                 "Entra ID is throttling or unavailable; retry later",
                 retry_after=retry_after or DEFAULT_RETRY_AFTER_SECONDS,
+                hinted=retry_after is not None,
             ) from exc
         status = getattr(self._session.last, "status", None)
         retry_after = _parse_retry_after(getattr(self._session.last, "retry_after", None))
@@ -350,9 +358,11 @@ class EntraClient:
             status = exc.response.status_code
             retry_after = _parse_retry_after(exc.response.headers.get("Retry-After"))
             if status == 429 or status >= 500:
-                return TemporarilyUnavailableError(
+                cls = ThrottledError if status == 429 else TemporarilyUnavailableError
+                return cls(
                     f"Entra ID answered HTTP {status}; retry later",
                     retry_after=retry_after or DEFAULT_RETRY_AFTER_SECONDS,
+                    hinted=retry_after is not None,
                 )
             return UpstreamError(f"Entra ID answered HTTP {status}")
         return TemporarilyUnavailableError(

@@ -13,6 +13,7 @@
     │   ├── CredentialRejectedError  502: Entra rejected the app's own credential (app-wide)
     │   └── TenantRefusedError       502: a permanent per-tenant refusal (e.g. resource not provisioned)
     └── TemporarilyUnavailableError  503 temporarily_unavailable (+ retry_after, Retry-After)
+        └── ThrottledError           503: Entra answered 429 (its Retry-After is shared by replicas)
     ConfigError                      not an HTTP error: a bad configuration file (exit code 2)
 
 Adapters translate SDK exceptions into these at their boundary (``raise ... from exc``); the HTTP layer
@@ -103,11 +104,17 @@ class TemporarilyUnavailableError(BrokerError):
     status = 503
     error = "temporarily_unavailable"
 
-    def __init__(self, description: str, *, retry_after: int, **context: Any) -> None:
+    def __init__(self, description: str, *, retry_after: int, hinted: bool = False, **context: Any) -> None:
         super().__init__(description, retry_after=max(1, int(retry_after)), **context)
+        # True when the upstream itself said how long to wait (a Retry-After header).
+        self.hinted = hinted
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.context["retry_after"])}
+
+
+class ThrottledError(TemporarilyUnavailableError):
+    """Entra answered 429: every replica should hold off this (app, tenant) for ``retry_after``."""
 
 
 # Per-tenant failures that will not go away by retrying: remembered briefly (and shared across

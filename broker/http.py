@@ -255,9 +255,12 @@ async def readyz(request: web.Request) -> web.Response:
     else:
         checks["redis"] = {"status": "disabled"}
     missing = [name for name in settings.apps if not credentials.is_loaded(name)]
-    checks["credentials"] = {"status": "ok" if not missing else "degraded"}
+    rejected = dict(credentials.rejected)
+    checks["credentials"] = {"status": "ok" if not (missing or rejected) else "degraded"}
     if missing:
         checks["credentials"].update(not_loaded=missing, reason=credentials.last_error)
+    if rejected:
+        checks["credentials"]["rejected_by_entra"] = rejected
     ready = all(check["status"] in ("ok", "disabled") for check in checks.values())
     return _json_response(
         {"status": "ready" if ready else "degraded", "checks": checks}, status=200 if ready else 503
@@ -337,6 +340,8 @@ async def _refresh_credentials(credentials: CredentialStore, settings: Settings)
             await credentials.load_all(force=True)
         except UpstreamError as exc:
             log.warning("periodic credential reload failed", extra={"reason": exc.description})
+        except Exception:
+            log.exception("periodic credential reload crashed")
 
 
 def create_metrics_app(metrics: Metrics) -> web.Application:

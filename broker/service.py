@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from broker.errors import (
     InsufficientConsentError,
     InvalidRequestError,
     TemporarilyUnavailableError,
+    ThrottledError,
     UpstreamError,
     error_from_body,
 )
@@ -47,6 +49,9 @@ MAX_FLIGHT_ROUNDS = 3
 POLL_FIRST_SECONDS = 0.02
 POLL_MAX_SECONDS = 0.2
 REFRESH_RETRY_SECONDS = 2.0
+MAX_UPSTREAM_ATTEMPTS = 6
+BACKOFF_BASE_SECONDS = 0.25
+BACKOFF_CAP_SECONDS = 4.0
 
 
 class TokenSource(Protocol):
@@ -80,10 +85,14 @@ class TokenBroker:
         self._metrics = metrics
         self._cache = cache
         self._source = source
-        self._lease_seconds = settings.lease_seconds or settings.upstream_timeout_seconds * 2 + 5
+        # The lease must outlive the holder's whole acquisition, retries included.
+        self._lease_seconds = settings.lease_seconds or (
+            settings.upstream_retry_seconds + settings.upstream_timeout_seconds * 2 + 5
+        )
         self._inflight: dict[TokenKey, asyncio.Task[tuple[AccessToken, str]]] = {}
         self._negative: dict[TokenKey, tuple[float, BrokerError]] = {}
         self._refreshing: dict[TokenKey, float] = {}  # key -> monotonic time of the last attempt
+        self._throttles: dict[tuple[str, str], float] = {}  # (app, tenant) -> monotonic end
         self._background: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
@@ -175,31 +184,31 @@ class TokenBroker:
         deadline = time.monotonic() + self._lease_seconds + self._settings.upstream_timeout_seconds
         delay = POLL_FIRST_SECONDS
 
-        def usable(candidate: AccessToken | None) -> bool:
+        async def shared_usable() -> AccessToken | None:
+            candidate = await self._cache.get_shared(key)
             if candidate is None or not candidate.valid_for(min_ttl):
-                return False
+                return None
             # A refresh wants a token that is not itself due; a miss takes any valid one.
-            return not refresh or candidate.refresh_on > time.time()
+            if refresh and candidate.refresh_on <= time.time():
+                return None
+            self._cache.put_local(key, candidate)
+            return candidate
 
         while True:
             remembered = await self._cache.get_negative(key)
             if remembered is not None:
                 self._metrics.negative_cache_hits.inc()
                 raise error_from_body(remembered)
-            shared = await self._cache.get_shared(key)
-            if usable(shared):
-                assert shared is not None  # noqa: S101 - narrowed by usable()
-                self._cache.put_local(key, shared)
+            shared = await shared_usable()
+            if shared is not None:
                 return shared, "redis"
             fence = await self._cache.try_lease(key, self._lease_seconds)
             if fence is not None:
                 try:
-                    if fence:  # the holder before us may have stored its token as we took the lease
-                        shared = await self._cache.get_shared(key)
-                        if usable(shared):
-                            assert shared is not None  # noqa: S101
-                            self._cache.put_local(key, shared)
-                            return shared, "redis"
+                    # The holder before us may have stored its token just as we took the lease.
+                    shared = await shared_usable() if fence else None
+                    if shared is not None:
+                        return shared, "redis"
                     token = await self._acquire(key)
                 finally:
                     await self._cache.release_lease(key, fence)
@@ -214,11 +223,7 @@ class TokenBroker:
             delay = min(delay * 2, POLL_MAX_SECONDS)
 
     async def _acquire(self, key: TokenKey) -> AccessToken:
-        try:
-            fresh = await self._source.acquire(key.app, key.tenant, key.resource)
-        except PERMANENT_TENANT_ERRORS as exc:
-            await self._remember(key, exc)
-            raise
+        fresh = await self._acquire_with_retries(key)
         token = schedule_refresh(fresh, now=time.time(), jitter_unit=random.random())  # noqa: S311 - jitter, not security
         self._cache.put_local(key, token)
         await self._cache.put_shared(key, token)
@@ -235,6 +240,61 @@ class TokenBroker:
         )
         return token
 
+    async def _acquire_with_retries(self, key: TokenKey) -> AccessToken:
+        """Entra, retried on transient failures with backoff inside ``upstream_retry_seconds``.
+
+        A 429's Retry-After is honoured and shared through Redis, so other replicas hold off this
+        (app, tenant) too instead of each being throttled in turn.
+        """
+        deadline = time.monotonic() + self._settings.upstream_retry_seconds
+        for attempt in range(MAX_UPSTREAM_ATTEMPTS):
+            throttled = max(
+                self._throttled_locally(key), await self._cache.throttled_for(key.app, key.tenant)
+            )
+            if throttled > 0:
+                if time.monotonic() + throttled > deadline:
+                    raise TemporarilyUnavailableError(
+                        "Entra ID is throttling this tenant; retry later", retry_after=math.ceil(throttled)
+                    )
+                await asyncio.sleep(throttled)
+            try:
+                return await self._source.acquire(key.app, key.tenant, key.resource)
+            except PERMANENT_TENANT_ERRORS as exc:
+                await self._remember(key, exc)
+                raise
+            except TemporarilyUnavailableError as exc:
+                retry_after = float(exc.context["retry_after"])
+                if isinstance(exc, ThrottledError):
+                    self._throttles[(key.app, key.tenant)] = time.monotonic() + retry_after
+                    await self._cache.set_throttle(key.app, key.tenant, retry_after)
+                if exc.hinted or isinstance(exc, ThrottledError):
+                    wait = retry_after
+                else:
+                    wait = random.uniform(0, min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**attempt))  # noqa: S311 - jitter
+                if time.monotonic() + wait > deadline:
+                    raise
+                log.info(
+                    "entra transient failure, retrying",
+                    extra={
+                        "app": key.app,
+                        "tenant": key.tenant,
+                        "attempt": attempt + 1,
+                        "wait_seconds": round(wait, 3),
+                    },
+                )
+                await asyncio.sleep(wait)
+        raise TemporarilyUnavailableError("Entra ID kept failing; retry later", retry_after=1)
+
+    def _throttled_locally(self, key: TokenKey) -> float:
+        until = self._throttles.get((key.app, key.tenant))
+        if until is None:
+            return 0.0
+        remaining = until - time.monotonic()
+        if remaining <= 0:
+            del self._throttles[(key.app, key.tenant)]
+            return 0.0
+        return remaining
+
     # --- remembered permanent failures -------------------------------------------------------------
 
     async def _remember(self, key: TokenKey, exc: BrokerError) -> None:
@@ -245,6 +305,10 @@ class TokenBroker:
         await self._cache.put_negative(key, exc.to_body(), ttl)
 
     def _raise_if_remembered_locally(self, key: TokenKey) -> None:
+        if self._cache.shared_available:
+            # Redis is the memory every replica shares (and `cache purge` clears): trust it alone,
+            # so a purge after consent is granted takes effect everywhere at once.
+            return
         entry = self._negative.get(key)
         if entry is None:
             return

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Key Vault calls are bounded: a hung vault must not hold a request (or a reload) for minutes.
+_KEY_VAULT_TRANSPORT = {
+    "retry_total": 2,
+    "retry_backoff_factor": 0.3,
+    "retry_backoff_max": 2,
+    "connection_timeout": 5,
+    "read_timeout": 10,
+}
 _PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----[^-]+-----END \1-----", re.DOTALL)
 
 
@@ -100,10 +109,14 @@ class CredentialStore:
         self._locks: dict[CredentialSource, asyncio.Lock] = {}
         self._azure_credential: AsyncTokenCredential | None = None
         self._client: SecretClient | None = None
+        self._fetched_at: dict[CredentialSource, float] = {}
         self.last_error: str | None = None
+        # Apps whose credential Entra refused even after a reload: app -> AADSTS code (for /readyz).
+        self.rejected: dict[str, str] = {}
 
     async def __aenter__(self) -> CredentialStore:
         if self._settings.key_vault_url:
+            # The credential and the client have separate pipelines: both need the CA bundle.
             transport: dict[str, Any] = {}
             if self._ca_bundle:
                 transport["connection_verify"] = self._ca_bundle
@@ -113,6 +126,7 @@ class CredentialStore:
                 self._azure_credential,
                 verify_challenge_resource=self._settings.key_vault_verify_challenge_resource,
                 **transport,
+                **_KEY_VAULT_TRANSPORT,
             )
         return self
 
@@ -144,6 +158,12 @@ class CredentialStore:
         source = self._settings.cache_encryption_key
         return None if source is None else (await self._get(source)).value
 
+    def mark_rejected(self, app: str, aadsts: str) -> None:
+        self.rejected[app] = aadsts
+
+    def mark_accepted(self, app: str) -> None:
+        self.rejected.pop(app, None)
+
     def is_loaded(self, app: str) -> bool:
         return self._settings.apps[app].credential in self._loaded
 
@@ -156,6 +176,14 @@ class CredentialStore:
             current = self._loaded.get(source)
             if current is not None and current is not loaded:
                 return current  # someone reloaded while we waited: one fetch serves both
+            if (
+                current is not None
+                and time.monotonic() - self._fetched_at.get(source, 0)
+                < self._settings.credential_min_reload_seconds
+            ):
+                # A bad secret makes every cold request ask for a reload; Key Vault is read at most
+                # once per interval for it (its limit is ~4,000 GETs per 10 s per vault).
+                return current
             try:
                 fresh = await self._fetch(source)
             except CredentialLoadError as exc:
@@ -169,6 +197,7 @@ class CredentialStore:
                     return current
                 raise
             self.last_error = None
+            self._fetched_at[source] = time.monotonic()
             if current is None or fingerprint(current.value) != fingerprint(fresh.value):
                 log.info(
                     "credential loaded",

@@ -56,7 +56,8 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed (make install puts it there)")
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--loglevel", "warning"],
+             "--appendonly", "no", "--dir", str(self.workdir), "--loglevel", "warning",
+             "--enable-debug-command", "local"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         _wait_until(self.ping, STARTUP_TIMEOUT_SECONDS, "redis-server")
@@ -67,10 +68,10 @@ class RedisServer:
         except OSError:
             return False
 
-    def command(self, *parts: bytes) -> bytes:
+    def command(self, *parts: bytes, timeout: float = 2) -> bytes:
         """Send one RESP command and return the raw reply (enough for PING/FLUSHALL in fixtures)."""
         payload = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
             sock.sendall(payload)
             return sock.recv(65536)
 

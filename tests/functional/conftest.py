@@ -77,8 +77,14 @@ def world(emulator: Emulator) -> World:
         "azure_credential": "environment",
         "outbound_ca_file": str(emulator.ca_path),
         "log_level": "DEBUG",
-        "apps": {"defender": {"client_id": APP_ID, "credential": {"secret": APP_SECRET_NAME},
-                              "resources": [DEFENDER, MDE]}},
+        "credential_min_reload_seconds": 0,
+        "apps": {
+            "defender": {
+                "client_id": APP_ID,
+                "credential": {"secret": APP_SECRET_NAME},
+                "resources": [DEFENDER, MDE],
+            }
+        },
         "callers": {
             "soar": {"api_key_sha256": soar_hash, "tenants": ["*"], "apps": ["defender"]},
             "hunter": {"api_key_sha256": hunter_hash, "tenants": [TENANT_A], "apps": ["defender"]},
@@ -93,8 +99,14 @@ def world(emulator: Emulator) -> World:
     return world
 
 
-def ask(broker: BrokerProcess, key: str | None, body: Any, *, headers: dict[str, str] | None = None,
-        raw: bytes | None = None) -> requests.Response:
+def ask(
+    broker: BrokerProcess,
+    key: str | None,
+    body: Any,
+    *,
+    headers: dict[str, str] | None = None,
+    raw: bytes | None = None,
+) -> requests.Response:
     """POST /v1/token as a caller would."""
     sent = {"Content-Type": "application/json"}
     if key is not None:

@@ -35,11 +35,13 @@ def _add_tenants(world: World, count: int) -> list[str]:
     return tenants
 
 
-async def _post(session: aiohttp.ClientSession, broker: BrokerProcess, key: str,
-                body: dict[str, Any]) -> tuple[int, dict[str, Any], float]:
+async def _post(
+    session: aiohttp.ClientSession, broker: BrokerProcess, key: str, body: dict[str, Any]
+) -> tuple[int, dict[str, Any], float]:
     started = time.perf_counter()
-    async with session.post(f"{broker.url}/v1/token", json=body,
-                            headers={"Authorization": f"Bearer {key}"}) as response:
+    async with session.post(
+        f"{broker.url}/v1/token", json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as response:
         payload = await response.json()
         return response.status, payload, time.perf_counter() - started
 
@@ -59,10 +61,14 @@ async def test_cold_herd_over_three_replicas_costs_one_request_per_key(
     jobs = [(brokers[i % 3], tenants[rng.randrange(100)] if i >= 100 else tenants[i]) for i in range(1000)]
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
-        results = await asyncio.gather(*(
-            _post(session, broker, world.soar_key, {"tenant": tenant, "resource": DEFENDER, "min_ttl": 60})
-            for broker, tenant in jobs
-        ))
+        results = await asyncio.gather(
+            *(
+                _post(
+                    session, broker, world.soar_key, {"tenant": tenant, "resource": DEFENDER, "min_ttl": 60}
+                )
+                for broker, tenant in jobs
+            )
+        )
     statuses = Counter(status for status, _, _ in results)
     assert {200: 1000} == dict(statuses)
     for (_, tenant), (_, body, _) in zip(jobs, results, strict=True):
@@ -109,9 +115,12 @@ async def test_refresh_ahead_under_steady_load(
                 now = time.monotonic()
                 if now - started > duration:
                     return
-                status, _, took = await _post(session, brokers[rng.randrange(3)], world.soar_key,
-                                              {"tenant": rng.choice(tenants), "resource": DEFENDER,
-                                               "min_ttl": 5})
+                status, _, took = await _post(
+                    session,
+                    brokers[rng.randrange(3)],
+                    world.soar_key,
+                    {"tenant": rng.choice(tenants), "resource": DEFENDER, "min_ttl": 5},
+                )
                 latencies.append((now - started, took, status))
                 await asyncio.sleep(0.02)
 
@@ -130,7 +139,9 @@ async def test_refresh_ahead_under_steady_load(
     assert max(steady) < 0.4, sorted(steady)[-5:]
     # The audit trail agrees: after warm-up every issuance came from L1 or Redis.
     steady_layers = Counter(
-        line["cache_layer"] for broker in brokers for line in _audit_lines(broker)
+        line["cache_layer"]
+        for broker in brokers
+        for line in _audit_lines(broker)
         if line["outcome"] == "ok" and _epoch(line["time"]) > wall_started + warmup
     )
     assert {"l1", "redis"} >= set(steady_layers), steady_layers
