@@ -31,7 +31,7 @@ unit: $(STAMP)  ## the test suite only
 deploy-check: $(STAMP)  ## helm lint/template + kubernetes-validate, yamllint, hadolint
 	bash deploy/validate.sh
 
-test: lint unit deploy-check  ## everything CI checks: lint, the whole suite, deployment files
+test: lint deploy-check unit  ## everything CI checks: lint, deployment files, the whole suite
 
 clean:  ## remove the virtualenv, tools and caches
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache
