@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.resources
 import json
 import logging
 import re
@@ -280,6 +281,12 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app.router.add_post("/v1/token", token_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    openapi = importlib.resources.files("broker").joinpath("openapi.json").read_bytes()
+
+    async def openapi_handler(_request: web.Request) -> web.Response:
+        return web.Response(body=openapi, content_type="application/json")
+
+    app.router.add_get("/openapi.json", openapi_handler)
     return app
 
 

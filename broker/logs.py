@@ -41,6 +41,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, separators=(",", ":"))
 
 
+class _ParserErrorFilter(logging.Filter):
+    """aiohttp logs a malformed request with a traceback whose message quotes the offending bytes,
+    which may be the start of an oversized Authorization header: keep one line, the class only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            kind = type(record.exc_info[1]).__name__
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "rejected a malformed HTTP request: %s",
+                (kind,),
+                None,
+                None,
+            )
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def configure_logging(level: str) -> None:
     """Route every logger to stderr as JSON at ``level``; quiet the chattiest SDK loggers."""
     handler = logging.StreamHandler(sys.stderr)
@@ -52,3 +69,6 @@ def configure_logging(level: str) -> None:
     # (it masks secrets, but we keep both at WARNING so nothing depends on that masking).
     for noisy in ("azure", "msal", "urllib3", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ParserErrorFilter) for f in server_log.filters):
+        server_log.addFilter(_ParserErrorFilter())
