@@ -38,6 +38,7 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) 
 return 0
 """
 REDIS_BACKOFF_SECONDS = 1.0
+PURGE_CHANNEL = f"{_PREFIX}:purge"
 
 
 def token_key_name(key: TokenKey) -> str:
@@ -241,19 +242,25 @@ class TokenCache:
         self._redis_ok()
         return True
 
-    async def purge(self, *, tenant: str) -> int:
-        """Forget every token (and remembered failure) for ``tenant``, in L1 and Redis."""
-        tenant = tenant.lower()
-        removed = 0
-        for key in [k for k in self._l1 if k.tenant == tenant]:
+    def purge_local(self, tenant: str) -> int:
+        """Forget this process's tokens for ``tenant`` (on a purge broadcast)."""
+        keys = [k for k in self._l1 if k.tenant == tenant.lower()]
+        for key in keys:
             del self._l1[key]
-            removed += 1
         self._metrics.cached_tokens.set(len(self._l1))
-        if self._redis is not None:
-            names: list[Any] = []
-            for kind in ("tok", "neg"):
-                async for name in self._redis.scan_iter(match=f"{_PREFIX}:{kind}:*:{tenant}:*"):
-                    names.append(name)
-            if names:
-                removed += int(await self._redis.delete(*names))
-        return removed
+        return len(keys)
+
+
+async def purge_shared(redis: Redis, tenant: str) -> tuple[int, int]:
+    """Delete a tenant's tokens, remembered failures and throttle from Redis, then tell every
+    replica to drop its L1 copies. Returns (entries removed, replicas notified)."""
+    tenant = tenant.lower()
+    names: list[Any] = []
+    for kind in ("tok", "neg"):
+        async for name in redis.scan_iter(match=f"{_PREFIX}:{kind}:*:{tenant}:*"):
+            names.append(name)
+    async for name in redis.scan_iter(match=f"{_PREFIX}:throttle:*:{tenant}"):
+        names.append(name)
+    removed = int(await redis.delete(*names)) if names else 0
+    notified = int(await redis.publish(PURGE_CHANNEL, tenant))
+    return removed, notified

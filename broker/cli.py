@@ -14,6 +14,8 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from broker import __version__
 from broker.callers import new_api_key
 from broker.config import Settings, is_tenant, load_settings, normalise_resource
@@ -155,21 +157,16 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _purge(settings: Settings, tenant: str) -> int:
-    from broker.cache import TokenCache
-    from broker.metrics import Metrics
+async def _purge(settings: Settings, tenant: str) -> tuple[int, int]:
+    from redis.asyncio import Redis
+
+    from broker.cache import purge_shared
 
     if not settings.redis_url:
         raise ConfigError("redis_url is not configured: there is no shared cache to purge")
-    from redis.asyncio import Redis
-
-    from broker.crypto import Sealer
-
     redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
     try:
-        # The sealer is never used to purge; a throwaway key satisfies the cache's invariant.
-        cache = TokenCache(Metrics(), redis=redis, sealer=Sealer(bytes(32)), l1_max_tokens=1)
-        return await cache.purge(tenant=tenant)
+        return await purge_shared(redis, tenant)
     finally:
         await redis.aclose()
 
@@ -178,8 +175,15 @@ def cmd_cache_purge(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not is_tenant(args.tenant):
         raise ConfigError("--tenant must be a tenant GUID or domain")
-    removed = _run(_purge(settings, args.tenant))
-    print(f"removed {removed} shared cache entr{'y' if removed == 1 else 'ies'} for {args.tenant}")
+    try:
+        removed, notified = _run(_purge(settings, args.tenant))
+    except (OSError, RedisError) as exc:
+        print(f"token-broker: cannot reach Redis: {type(exc).__name__}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"removed {removed} shared cache entr{'y' if removed == 1 else 'ies'} for {args.tenant}; "
+        f"{notified} replica(s) dropped their in-process copies"
+    )
     return 0
 
 

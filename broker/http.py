@@ -8,7 +8,6 @@ generic 500 whose body carries only the request id; the traceback goes to the lo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.resources
 import json
 import logging
@@ -22,8 +21,9 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from broker.cache import TokenCache
+from broker.cache import PURGE_CHANNEL, TokenCache
 from broker.callers import CallerRegistry
 from broker.config import Settings, is_tenant, normalise_resource
 from broker.crypto import Sealer, parse_key
@@ -307,13 +307,15 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         entra = EntraClient(settings, metrics, credentials, ca_bundle)
         broker = TokenBroker(settings, metrics, cache, entra)
         app[BROKER] = broker
-        refresher = asyncio.create_task(_refresh_credentials(credentials, settings))
+        background = [asyncio.create_task(_refresh_credentials(credentials, settings))]
+        if settings.redis_url:
+            background.append(asyncio.create_task(_listen_for_purges(settings, cache, broker)))
         try:
             yield
         finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await broker.close()
             entra.close()
             if redis is not None:
@@ -349,6 +351,32 @@ async def _refresh_credentials(credentials: CredentialStore, settings: Settings)
             log.warning("periodic credential reload failed", extra={"reason": exc.description})
         except Exception:
             log.exception("periodic credential reload crashed")
+
+
+async def _listen_for_purges(settings: Settings, cache: TokenCache, broker: TokenBroker) -> None:
+    """Drop a tenant's L1 tokens when `token-broker cache purge` broadcasts it (any replica)."""
+    assert settings.redis_url is not None  # noqa: S101 - only started with Redis configured
+    # Its own connection without a read timeout: a subscriber waits for messages by design.
+    redis = Redis.from_url(
+        settings.redis_url, socket_connect_timeout=settings.redis_timeout_seconds, health_check_interval=30
+    )
+    try:
+        while True:
+            try:
+                async with redis.pubsub() as pubsub:
+                    await pubsub.subscribe(PURGE_CHANNEL)
+                    while True:
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                        if message is not None and message.get("type") == "message":
+                            tenant = message["data"].decode(errors="replace")
+                            dropped = cache.purge_local(tenant)
+                            broker.forget(tenant)
+                            log.info("purge broadcast received", extra={"tenant": tenant, "dropped": dropped})
+            except (RedisError, OSError) as exc:
+                log.warning("purge listener lost Redis; retrying", extra={"reason": type(exc).__name__})
+                await asyncio.sleep(1.0)
+    finally:
+        await redis.aclose()
 
 
 def create_metrics_app(metrics: Metrics) -> web.Application:

@@ -320,9 +320,12 @@ class TokenBroker:
         raise error_from_body(exc.to_body())
 
     def forget(self, tenant: str) -> None:
-        """Drop remembered failures for a tenant (after consent is granted, say)."""
-        for key in [k for k in self._negative if k.tenant == tenant.lower()]:
+        """Drop remembered failures and throttles for a tenant (after consent is granted, say)."""
+        tenant = tenant.lower()
+        for key in [k for k in self._negative if k.tenant == tenant]:
             del self._negative[key]
+        for app_tenant in [t for t in self._throttles if t[1] == tenant]:
+            del self._throttles[app_tenant]
 
     # --- refresh ahead ------------------------------------------------------------------------------
 

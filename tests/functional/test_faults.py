@@ -250,3 +250,14 @@ def test_sigterm_drains_in_flight_requests(world: World, start_broker: StartBrok
     assert 0 == process.wait(timeout=20)
     assert refused
     assert 200 == result[0].status_code
+
+
+def test_entra_timeout_is_retried(world: World, start_broker: StartBroker) -> None:
+    """An Entra answer slower than upstream_timeout_seconds is abandoned and retried: the caller
+    gets a token well before the slow answer would have come."""
+    broker = start_broker(world.broker_config(upstream_timeout_seconds=1), world.env)
+    world.emulator.add_fault("token", "latency", tenant=TENANT_A, latency_seconds=5, count=1)
+    started = time.monotonic()
+    response = ask(broker, world.soar_key, {"tenant": TENANT_A, "resource": DEFENDER})
+    assert 200 == response.status_code, response.text
+    assert time.monotonic() - started < 4

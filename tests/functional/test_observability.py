@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -206,3 +207,35 @@ def test_every_command_has_help() -> None:
         )
         assert 0 == result.returncode
         assert result.stdout.startswith("usage: token-broker " + " ".join(command))
+
+
+def test_cache_purge_reaches_every_replica(
+    world: World, start_broker: StartBroker, redis_url: str, tmp_path: Path
+) -> None:
+    """After `cache purge --tenant T`, no replica serves its old token for T: the next request asks
+    Entra once and the other replica takes that new token from Redis."""
+    config = world.broker_config(redis_url)
+    replicas = [start_broker(config, world.env, name=f"r{i}") for i in range(2)]
+    body = {"tenant": TENANT_A, "resource": DEFENDER}
+    old = {ask(replica, world.soar_key, body).json()["access_token"] for replica in replicas}
+    assert 1 == len(old)
+    path = tmp_path / "purge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "cache", "purge", "--config", str(path), "--tenant", TENANT_A],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert 0 == result.returncode, result.stderr
+    assert "removed 1 shared cache entry" in result.stdout
+    assert "2 replica(s)" in result.stdout
+    deadline = time.monotonic() + 5
+    while not all("purge broadcast received" in r.log_text() for r in replicas):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    new = {ask(replica, world.soar_key, body).json()["access_token"] for replica in replicas}
+    assert 1 == len(new)
+    assert old != new
+    assert 2 == world.emulator.token_requests(tenant=TENANT_A, client_id=APP_ID)
