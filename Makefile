@@ -22,7 +22,7 @@ run: $(STAMP)  ## run the service (BROKER_CONFIG or the embedded defaults; see R
 	$(BIN)/token-broker serve
 
 lint: $(STAMP)  ## ruff and mypy --strict
-	$(BIN)/ruff check broker tests
+	$(BIN)/ruff check broker tests scripts
 	$(BIN)/mypy
 
 unit: $(STAMP)  ## the test suite only
@@ -30,6 +30,9 @@ unit: $(STAMP)  ## the test suite only
 
 deploy-check: $(STAMP)  ## helm lint/template + kubernetes-validate, yamllint, hadolint
 	bash deploy/validate.sh
+
+demo: $(STAMP)  ## redis + emulator + two replicas on loopback: consent link, token, cache hit, metrics
+	$(BIN)/python scripts/demo.py
 
 test: lint deploy-check unit  ## everything CI checks: lint, deployment files, the whole suite
 

@@ -1,0 +1,168 @@
+"""`make demo`: the whole flow on this machine, then everything it started is stopped.
+
+Starts a redis-server, the Entra ID + Key Vault emulator (demo data: tenant contoso has consented the
+Defender app, fabrikam has not; the app secret lives only in the emulated Key Vault) and two broker
+replicas sharing Redis; then asks for tokens and prints what happened.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from broker.callers import new_api_key  # noqa: E402 - after the path tweak
+from broker.tokens import decode_claims  # noqa: E402
+from tests.emulator import start_emulator  # noqa: E402
+from tests.emulator.demo import CONTOSO_TENANT_ID, DEFENDER_CLIENT_ID, FABRIKAM_TENANT_ID  # noqa: E402
+from tests.support import BrokerProcess, RedisServer  # noqa: E402
+
+DEFENDER = "https://api.security.microsoft.com"
+
+
+def step(title: str) -> None:
+    print(f"\n== {title}")
+
+
+def show(response: requests.Response) -> dict[str, object]:
+    body: dict[str, object] = response.json()
+    print(f"   HTTP {response.status_code} (X-Request-ID {response.headers.get('X-Request-ID')})")
+    return body
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="token-broker-demo-"))
+    redis = RedisServer(work)
+    emulator = None
+    replicas: list[BrokerProcess] = []
+    try:
+        step("starting redis-server, the Entra ID + Key Vault emulator and two broker replicas")
+        redis.start()
+        emulator = start_emulator(work / "emulator", demo=True)
+        key, key_hash = new_api_key()
+        identity = emulator.broker_identity
+        env = {
+            "AZURE_TENANT_ID": identity.tenant_id,
+            "AZURE_CLIENT_ID": identity.client_id,
+            "AZURE_CLIENT_SECRET": identity.client_secret,
+            "AZURE_AUTHORITY_HOST": emulator.base_url,
+            "BROKER_DEMO_CACHE_KEY": base64.b64encode(os.urandom(32)).decode(),
+        }
+        config = {
+            "authority_host": emulator.base_url,
+            "key_vault_url": emulator.vault_url,
+            "key_vault_verify_challenge_resource": False,
+            "azure_credential": "environment",
+            "outbound_ca_file": str(emulator.ca_path),
+            "redis_url": redis.url,
+            "cache_encryption_key": {"env": "BROKER_DEMO_CACHE_KEY"},
+            "apps": {
+                "defender": {
+                    "client_id": DEFENDER_CLIENT_ID,
+                    "credential": {"secret": "defender-app-secret"},
+                    "resources": [DEFENDER],
+                }
+            },
+            "callers": {"demo": {"api_key_sha256": key_hash, "tenants": ["*"], "apps": ["defender"]}},
+        }
+        for name in ("replica-1", "replica-2"):
+            replicas.append(BrokerProcess(work, config, env, name))
+            replicas[-1].start()
+            print(f"   {name}: {replicas[-1].url} (metrics :{replicas[-1].metrics_port})")
+        print(f"   emulator: {emulator.base_url}; redis: {redis.url}; files in {work}")
+
+        def ask(replica: BrokerProcess, tenant: str) -> requests.Response:
+            return requests.post(
+                f"{replica.url}/v1/token",
+                timeout=30,
+                json={"tenant": tenant, "resource": DEFENDER},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+
+        step("the admin-consent link for a new customer tenant (token-broker consent-url)")
+        config_path = work / "replica-1.yaml"
+        link = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "broker.cli",
+                "consent-url",
+                "--config",
+                str(config_path),
+                "--tenant",
+                "fabrikam.onmicrosoft.com",
+                "--redirect-uri",
+                "https://partner.example/consented",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
+        print("   " + link.stdout.strip())
+
+        step("replica-1: token for contoso.onmicrosoft.com (cold: Key Vault secret → MSAL → emulated Entra)")
+        first = show(ask(replicas[0], "contoso.onmicrosoft.com"))
+        claims = decode_claims(str(first["access_token"]))
+        print(
+            textwrap.indent(
+                json.dumps(
+                    {k: claims.get(k) for k in ("tid", "aud", "appid", "roles", "exp", "uti")}, indent=2
+                ),
+                "   ",
+            )
+        )
+        print(f"   expires_in={first['expires_in']} s; the token itself is not printed")
+
+        step("replica-2: the same request (served from the shared, encrypted Redis entry)")
+        second = show(ask(replicas[1], "contoso.onmicrosoft.com"))
+        print(
+            f"   same token: {second['access_token'] == first['access_token']}; "
+            f"Entra token requests so far: {emulator.token_requests(client_id=DEFENDER_CLIENT_ID)}"
+        )
+        audit = [
+            json.loads(line)
+            for line in replicas[1].log_text().splitlines()
+            if '"logger":"broker.audit"' in line
+        ]
+        print(
+            f"   replica-2 audit line: cache_layer={audit[-1]['cache_layer']}, "
+            f"latency_ms={audit[-1]['latency_ms']}"
+        )
+
+        step("fabrikam has not consented: the caller gets consent_required with the link")
+        print(textwrap.indent(json.dumps(show(ask(replicas[0], FABRIKAM_TENANT_ID)), indent=2), "   "))
+
+        step("metrics excerpt (replica-2)")
+        for line in replicas[1].metrics_text().splitlines():
+            if line.startswith(
+                (
+                    "broker_token_requests_total",
+                    "broker_cache_lookups_total",
+                    "broker_upstream_requests_total",
+                )
+            ):
+                print("   " + line)
+        print(f"\nOK: contoso ({CONTOSO_TENANT_ID}) served by both replicas with one Entra request.")
+        return 0
+    finally:
+        step("stopping everything the demo started")
+        for replica in replicas:
+            replica.stop()
+        if emulator is not None:
+            emulator.stop()
+        redis.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
