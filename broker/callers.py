@@ -1,21 +1,35 @@
-"""Caller authentication (API keys) and policy: which tenants and apps a caller may ask for.
+"""Caller authentication and policy: which tenants and apps a caller may ask for.
 
-API keys are stored only as SHA-256 hashes. Authentication hashes the presented key once and looks
-the hash up; the dictionary lookup reveals nothing useful by timing (an attacker cannot steer the
-hash), and the final comparison is constant-time anyway.
+Two credentials identify a caller:
+
+- an **API key**, stored only as its SHA-256. The presented key is hashed once and the hash looked up:
+  comparing hashes, not keys, means timing reveals nothing about a valid key (an attacker cannot steer
+  a hash towards a stored one), and it costs one hash per request;
+- a **Kubernetes service-account token** (a JWT): signature checked against the issuer's JWKS, then
+  ``iss``, ``aud``, ``exp``/``nbf`` (with a small leeway), and ``sub``
+  (``system:serviceaccount:NS:NAME``) mapped to a configured caller. A verified token is remembered
+  (by its hash) until it expires, so verification stays off the hot path. An unknown ``kid`` refreshes
+  the JWKS, at most once per ``jwks_refresh_min_seconds``, so a rotated signing key is picked up and a
+  flood of forged kids cannot hammer the issuer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import hmac
+import json
 import secrets
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-from broker.config import CallerSettings, Settings
+import jwt
+
+from broker.config import CallerSettings, ServiceAccountAuthSettings, Settings
 from broker.errors import AccessDeniedError, InvalidClientError
 
-MAX_API_KEY_LENGTH = 512
+MAX_CREDENTIAL_LENGTH = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,30 +56,113 @@ def new_api_key() -> tuple[str, str]:
     return key, hash_api_key(key)
 
 
+class JwksSource(Protocol):
+    """Where the service-account issuer's signing keys come from (``oidc.py``)."""
+
+    async def fetch(self) -> dict[str, Any]: ...
+
+
 class CallerRegistry:
-    """Maps presented API keys to configured callers."""
+    """Maps presented credentials (API keys, service-account tokens) to configured callers."""
 
-    def __init__(self, settings: Settings) -> None:
-        self._by_hash: dict[str, tuple[str, Caller]] = {
-            caller.api_key_sha256: (caller.api_key_sha256, _caller(name, caller))
-            for name, caller in settings.callers.items()
-        }
+    def __init__(self, settings: Settings, jwks_source: JwksSource | None = None) -> None:
+        self._by_hash: dict[str, Caller] = {}
+        self._by_account: dict[str, Caller] = {}
+        for name, caller in settings.callers.items():
+            if caller.api_key_sha256:
+                self._by_hash[caller.api_key_sha256] = _caller(name, caller)
+            if caller.service_account:
+                self._by_account[caller.service_account] = _caller(name, caller)
+        self._sa = settings.service_account_auth
+        self._jwks_source = jwks_source
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._jwks_fetched_at = float("-inf")
+        self._jwks_lock = asyncio.Lock()
+        self._verified: OrderedDict[str, tuple[float, Caller]] = OrderedDict()
 
-    def authenticate(self, authorization: str | None) -> Caller:
-        """The caller behind an ``Authorization: Bearer <key>`` header, or ``InvalidClientError``."""
+    async def authenticate(self, authorization: str | None) -> Caller:
+        """The caller behind an ``Authorization: Bearer <credential>`` header, or ``InvalidClientError``."""
         if not authorization:
             raise InvalidClientError("missing Authorization: Bearer credential")
         scheme, _, credential = authorization.partition(" ")
         credential = credential.strip()
         if scheme.lower() != "bearer" or not credential:
             raise InvalidClientError("Authorization must be a Bearer credential")
-        if len(credential) > MAX_API_KEY_LENGTH:
+        if len(credential) > MAX_CREDENTIAL_LENGTH:
             raise InvalidClientError("unknown caller credential")
-        presented = hash_api_key(credential)
-        entry = self._by_hash.get(presented)
-        if entry is None or not hmac.compare_digest(entry[0], presented):
+        if credential.count(".") == 2 and self._sa is not None:
+            return await self._authenticate_jwt(credential, self._sa)
+        caller = self._by_hash.get(hash_api_key(credential))
+        if caller is None:
             raise InvalidClientError("unknown caller credential")
-        return entry[1]
+        return caller
+
+    async def _authenticate_jwt(self, token: str, sa: ServiceAccountAuthSettings) -> Caller:
+        digest = hashlib.sha256(token.encode()).digest().hex()
+        cached = self._verified.get(digest)
+        if cached is not None:
+            expires_at, caller = cached
+            if time.time() < expires_at + sa.leeway_seconds:
+                return caller
+            del self._verified[digest]
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise InvalidClientError("caller token is not a valid JWT") from None
+        algorithm = header.get("alg")
+        if algorithm not in sa.algorithms:
+            raise InvalidClientError("caller token uses a signing algorithm that is not allowed")
+        key = await self._signing_key(str(header.get("kid", "")), sa)
+        try:
+            claims = jwt.decode(
+                token,
+                key.key,
+                algorithms=[algorithm],
+                audience=sa.audience,
+                issuer=sa.issuer,
+                leeway=sa.leeway_seconds,
+                options={"require": ["exp", "iss", "aud", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise InvalidClientError("caller token has expired") from None
+        except jwt.InvalidAudienceError:
+            raise InvalidClientError(f"caller token is not for audience {sa.audience!r}") from None
+        except jwt.InvalidTokenError as exc:
+            # PyJWT's messages name the failed check, never the token's contents.
+            raise InvalidClientError(f"caller token rejected: {exc}") from None
+        account = self._by_account.get(str(claims["sub"]))
+        if account is None:
+            raise InvalidClientError("this service account is not a configured caller")
+        self._verified[digest] = (float(claims["exp"]), account)
+        while len(self._verified) > sa.verified_cache_max:
+            self._verified.popitem(last=False)
+        return account
+
+    async def _signing_key(self, kid: str, sa: ServiceAccountAuthSettings) -> jwt.PyJWK:
+        key = self._keys.get(kid)
+        if key is not None:
+            return key
+        async with self._jwks_lock:
+            key = self._keys.get(kid)
+            if key is None and time.monotonic() - self._jwks_fetched_at >= sa.jwks_refresh_min_seconds:
+                await self._refresh_keys()
+                key = self._keys.get(kid)
+        if key is None:
+            raise InvalidClientError("caller token is signed by an unknown key")
+        return key
+
+    async def _refresh_keys(self) -> None:
+        if self._jwks_source is None:
+            raise InvalidClientError("service-account tokens are not accepted here")
+        self._jwks_fetched_at = time.monotonic()
+        try:
+            document = await self._jwks_source.fetch()
+            keys = jwt.PyJWKSet.from_dict(document).keys
+        except (OSError, ValueError, jwt.PyJWKSetError, json.JSONDecodeError) as exc:
+            raise InvalidClientError(
+                f"cannot verify caller tokens now: signing keys unavailable ({type(exc).__name__})"
+            ) from None
+        self._keys = {str(k.key_id): k for k in keys if k.key_id}
 
 
 def _caller(name: str, settings: CallerSettings) -> Caller:

@@ -135,14 +135,54 @@ class AppSettings(_Frozen):
     resources: list[Resource] = Field(min_length=1)
 
 
+SERVICE_ACCOUNT_RE = re.compile(
+    r"^system:serviceaccount:[a-z0-9]([-a-z0-9]*[a-z0-9])?:[a-z0-9]([-.a-z0-9]*[a-z0-9])?$"
+)
+
+
+class ServiceAccountAuthSettings(_Frozen):
+    """Callers proving who they are with a Kubernetes projected service-account token."""
+
+    issuer: str  # the cluster's OIDC issuer: its discovery document names the JWKS
+    audience: str = "token-broker"
+    jwks_file: Path | None = None  # a static JWKS instead of discovery (re-read on an unknown kid)
+    leeway_seconds: float = Field(default=30.0, ge=0, le=300)
+    jwks_refresh_min_seconds: float = Field(default=30.0, ge=0, le=3600)
+    algorithms: list[Literal["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]] = ["RS256", "ES256"]
+    verified_cache_max: int = Field(default=10_000, ge=1)
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/?#]+", value):
+            raise ValueError("must be the issuer URL (https:// in production)")
+        return value
+
+
 class CallerSettings(_Frozen):
-    api_key_sha256: str
+    api_key_sha256: str | None = None
+    service_account: str | None = None  # system:serviceaccount:NAMESPACE:NAME
     tenants: list[str] = Field(min_length=1)
     apps: list[str] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _one_credential(self) -> CallerSettings:
+        if (self.api_key_sha256 is None) == (self.service_account is None):
+            raise ValueError("give exactly one of api_key_sha256, service_account")
+        return self
+
+    @field_validator("service_account")
+    @classmethod
+    def _service_account(cls, value: str | None) -> str | None:
+        if value is not None and not SERVICE_ACCOUNT_RE.match(value):
+            raise ValueError("must be system:serviceaccount:NAMESPACE:NAME")
+        return value
+
     @field_validator("api_key_sha256")
     @classmethod
-    def _hex(cls, value: str) -> str:
+    def _hex(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         value = value.lower()
         if not SHA256_HEX_RE.match(value):
             raise ValueError("must be 64 hex characters (token-broker hash-key prints one)")
@@ -172,6 +212,7 @@ class Settings(_Frozen):
     cache_encryption_key: CredentialSource | None = None
     apps: dict[str, AppSettings] = Field(min_length=1)
     callers: dict[str, CallerSettings] = Field(min_length=1)
+    service_account_auth: ServiceAccountAuthSettings | None = None
 
     # Tuning; the defaults suit a few thousand tenants per replica.
     msal_max_workers: int = Field(default=8, ge=1, le=64)
@@ -222,9 +263,14 @@ class Settings(_Frozen):
         for where, source in sources:
             if source.uses_key_vault and not self.key_vault_url:
                 raise ValueError(f"key_vault_url: required by {where} ({source.kind})")
-        hashes = [c.api_key_sha256 for c in self.callers.values()]
+        hashes = [c.api_key_sha256 for c in self.callers.values() if c.api_key_sha256]
         if len(hashes) != len(set(hashes)):
             raise ValueError("callers: two callers share one api_key_sha256")
+        accounts = [c.service_account for c in self.callers.values() if c.service_account]
+        if len(accounts) != len(set(accounts)):
+            raise ValueError("callers: two callers share one service_account")
+        if accounts and self.service_account_auth is None:
+            raise ValueError("service_account_auth: required by callers with service_account")
         return self
 
     def app_for(self, name: str | None) -> tuple[str, AppSettings] | None:

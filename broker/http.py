@@ -37,6 +37,7 @@ from broker.errors import (
 )
 from broker.logs import request_id_var
 from broker.metrics import Metrics
+from broker.oidc import JwksFetcher
 from broker.service import Issued, TokenBroker
 from broker.tls import build_ca_bundle
 from broker.tokens import DEFAULT_MIN_TTL_SECONDS, MAX_MIN_TTL_SECONDS, TokenRequest
@@ -174,7 +175,7 @@ async def token_handler(request: web.Request) -> web.Response:
     issued: Issued | None = None
     outcome = "ok"
     try:
-        caller = app[CALLERS].authenticate(request.headers.get("Authorization"))
+        caller = await app[CALLERS].authenticate(request.headers.get("Authorization"))
         caller_name = caller.name
         token_request = parse_token_request(await _read_json(request, app[SETTINGS].max_body_bytes))
         issued = await app[BROKER].get_token(caller, token_request)
@@ -276,7 +277,6 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
-    app[CALLERS] = CallerRegistry(settings)
     app.cleanup_ctx.append(_components)
     app.router.add_post("/v1/token", token_handler)
     app.router.add_get("/healthz", healthz)
@@ -294,6 +294,8 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = app[METRICS]
     ca_bundle = build_ca_bundle(settings.outbound_ca_file)
+    jwks = JwksFetcher(settings.service_account_auth, ca_bundle) if settings.service_account_auth else None
+    app[CALLERS] = CallerRegistry(settings, jwks)
     async with CredentialStore(settings, metrics, ca_bundle) as credentials:
         app[CREDENTIALS] = credentials
         try:
@@ -316,6 +318,8 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            if jwks is not None:
+                await jwks.close()
             await broker.close()
             entra.close()
             if redis is not None:

@@ -35,8 +35,9 @@ def start_broker(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
     """Start ``token-broker serve`` processes; every one is stopped when the test ends."""
     started: list[BrokerProcess] = []
 
-    def start(config: dict[str, Any], env: dict[str, str] | None = None,
-              name: str | None = None) -> BrokerProcess:
+    def start(
+        config: dict[str, Any], env: dict[str, str] | None = None, name: str | None = None
+    ) -> BrokerProcess:
         broker = BrokerProcess(tmp_path, config, env, name or f"broker{len(started)}")
         started.append(broker)
         broker.start()

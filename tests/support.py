@@ -55,10 +55,25 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("redis-server is not installed (make install puts it there)")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--loglevel", "warning",
-             "--enable-debug-command", "local"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--loglevel",
+                "warning",
+                "--enable-debug-command",
+                "local",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         _wait_until(self.ping, STARTUP_TIMEOUT_SECONDS, "redis-server")
 
@@ -85,8 +100,9 @@ class RedisServer:
 class BrokerProcess:
     """``token-broker serve --config FILE`` as a child process, with its log captured."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None,
-                 name: str = "broker") -> None:
+    def __init__(
+        self, workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None, name: str = "broker"
+    ) -> None:
         self.workdir = workdir
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -103,9 +119,21 @@ class BrokerProcess:
     def start(self) -> None:
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "broker.cli", "serve", "--config", str(self.config_path),
-             "--port", str(self.port), "--metrics-port", str(self.metrics_port)],
-            stdout=self._log, stderr=self._log, env=self.env,
+            [
+                sys.executable,
+                "-m",
+                "broker.cli",
+                "serve",
+                "--config",
+                str(self.config_path),
+                "--port",
+                str(self.port),
+                "--metrics-port",
+                str(self.metrics_port),
+            ],
+            stdout=self._log,
+            stderr=self._log,
+            env=self.env,
         )
         _wait_until(self._healthy, STARTUP_TIMEOUT_SECONDS, f"broker (log: {self.log_path})")
 

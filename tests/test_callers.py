@@ -1,50 +1,189 @@
-"""Caller authentication by API-key hash, and the tenant/app policy."""
+"""Caller authentication by API-key hash and by service-account JWT, and the tenant/app policy."""
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from broker.callers import CallerRegistry, hash_api_key, new_api_key
-from broker.config import parse_settings
+from broker.config import Settings, parse_settings
 from broker.errors import AccessDeniedError, InvalidClientError
+from broker.oidc import JwksFetcher
 
 KEY, HASH = new_api_key()
+ISSUER = "https://oidc.cluster.example/issuer"
+ACCOUNT = "system:serviceaccount:security:siem-connector"
 
 
-def registry() -> CallerRegistry:
-    settings = parse_settings({
+def settings(jwks_file: Path | None = None, refresh_min: float = 0) -> Settings:
+    raw: dict[str, Any] = {
         "apps": {
-            "a": {"client_id": "11111111-2222-3333-4444-555555555555", "credential": {"env": "X"},
-                  "resources": ["https://api.security.microsoft.com"]},
-            "b": {"client_id": "11111111-2222-3333-4444-555555555556", "credential": {"env": "X"},
-                  "resources": ["https://api.security.microsoft.com"]},
+            "a": {
+                "client_id": "11111111-2222-3333-4444-555555555555",
+                "credential": {"env": "X"},
+                "resources": ["https://api.security.microsoft.com"],
+            },
+            "b": {
+                "client_id": "11111111-2222-3333-4444-555555555556",
+                "credential": {"env": "X"},
+                "resources": ["https://api.security.microsoft.com"],
+            },
         },
-        "callers": {"soar": {"api_key_sha256": HASH, "tenants": ["Contoso.onmicrosoft.com"],
-                             "apps": ["a"]}},
-    }, environ={})
-    return CallerRegistry(settings)
+        "callers": {
+            "soar": {"api_key_sha256": HASH, "tenants": ["Contoso.onmicrosoft.com"], "apps": ["a"]},
+            "siem": {"service_account": ACCOUNT, "tenants": ["*"], "apps": ["b"]},
+        },
+        "service_account_auth": {
+            "issuer": ISSUER,
+            "audience": "token-broker",
+            "jwks_file": str(jwks_file or "/nonexistent"),
+            "jwks_refresh_min_seconds": refresh_min,
+        },
+    }
+    return parse_settings(raw, environ={})
 
 
-def test_known_key_authenticates() -> None:
+class CountingSource:
+    """A real file-backed JWKS source that counts its reads."""
+
+    def __init__(self, inner: JwksFetcher) -> None:
+        self.inner = inner
+        self.reads = 0
+
+    async def fetch(self) -> dict[str, Any]:
+        self.reads += 1
+        return await self.inner.fetch()
+
+
+class Issuer:
+    """A local service-account token issuer: real RSA and EC keys, a JWKS file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.keys: dict[str, Any] = {}
+
+    def add_key(self, kid: str, kind: str = "RS256") -> None:
+        self.keys[kid] = (
+            (
+                rsa.generate_private_key(public_exponent=65537, key_size=2048)
+                if kind == "RS256"
+                else ec.generate_private_key(ec.SECP256R1())
+            ),
+            kind,
+        )
+        self.write()
+
+    def write(self) -> None:
+        jwks = []
+        for kid, (key, kind) in self.keys.items():
+            jwk = jwt.algorithms.get_default_algorithms()[kind].to_jwk(key.public_key(), as_dict=True)
+            jwks.append({**jwk, "kid": kid, "use": "sig", "alg": kind})
+        self.path.write_text(json.dumps({"keys": jwks}))
+
+    def token(
+        self,
+        kid: str,
+        *,
+        sub: str = ACCOUNT,
+        aud: str = "token-broker",
+        exp_in: int = 600,
+        forged: bool = False,
+    ) -> str:
+        key, kind = self.keys[kid]
+        if forged:  # same kid and algorithm, but a key the issuer never published
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        now = int(time.time())
+        claims = {"iss": ISSUER, "sub": sub, "aud": [aud], "iat": now, "nbf": now, "exp": now + exp_in}
+        return jwt.encode(claims, key, algorithm=kind, headers={"kid": kid})
+
+
+@pytest.fixture
+def issuer(tmp_path: Path) -> Issuer:
+    issuer = Issuer(tmp_path / "jwks.json")
+    issuer.add_key("rsa-1", "RS256")
+    issuer.add_key("ec-1", "ES256")
+    return issuer
+
+
+def registry(issuer: Issuer, refresh_min: float = 0) -> tuple[CallerRegistry, CountingSource]:
+    config = settings(issuer.path, refresh_min)
+    assert config.service_account_auth is not None
+    source = CountingSource(JwksFetcher(config.service_account_auth, None))
+    return CallerRegistry(config, source), source
+
+
+async def test_known_key_authenticates(issuer: Issuer) -> None:
     """The caller whose hash matches the presented key is returned."""
-    assert "soar" == registry().authenticate(f"Bearer {KEY}").name
+    assert "soar" == (await registry(issuer)[0].authenticate(f"Bearer {KEY}")).name
     assert HASH == hash_api_key(KEY)
 
 
-@pytest.mark.parametrize("header", [None, "", "Bearer", "Basic abc", "Bearer wrong", "Bearer " + "x" * 600])
-def test_bad_credentials_are_invalid_client(header: str | None) -> None:
+@pytest.mark.parametrize("header", [None, "", "Bearer", "Basic abc", "Bearer wrong", "Bearer " + "x" * 9000])
+async def test_bad_credentials_are_invalid_client(issuer: Issuer, header: str | None) -> None:
     """Missing, malformed, unknown or oversized credentials are 401 invalid_client."""
     with pytest.raises(InvalidClientError) as info:
-        registry().authenticate(header)
+        await registry(issuer)[0].authenticate(header)
     assert 401 == info.value.status
     assert "WWW-Authenticate" in info.value.headers()
 
 
-def test_policy_limits_tenants_and_apps() -> None:
+async def test_policy_limits_tenants_and_apps(issuer: Issuer) -> None:
     """A caller reaches its tenants (any case) through its apps, and nothing else."""
-    caller = registry().authenticate(f"Bearer {KEY}")
+    caller = await registry(issuer)[0].authenticate(f"Bearer {KEY}")
     caller.check(tenant="contoso.onmicrosoft.com", app="a")
     with pytest.raises(AccessDeniedError):
         caller.check(tenant="fabrikam.onmicrosoft.com", app="a")
     with pytest.raises(AccessDeniedError):
         caller.check(tenant="contoso.onmicrosoft.com", app="b")
+
+
+@pytest.mark.parametrize("kid", ["rsa-1", "ec-1"])
+async def test_service_account_tokens_rs256_and_es256(issuer: Issuer, kid: str) -> None:
+    """A valid projected token maps its sub to the configured caller; a repeat is served from the
+    verified cache without reading the keys again."""
+    reg, source = registry(issuer)
+    token = issuer.token(kid)
+    assert "siem" == (await reg.authenticate(f"Bearer {token}")).name
+    assert "siem" == (await reg.authenticate(f"Bearer {token}")).name
+    assert 1 == source.reads
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda i: i.token("rsa-1", aud="someone-else"), "audience"),
+        (lambda i: i.token("rsa-1", exp_in=-120), "expired"),
+        (lambda i: i.token("rsa-1", forged=True), "rejected"),
+        (lambda i: i.token("rsa-1", sub="system:serviceaccount:other:intruder"), "not a configured caller"),
+        (lambda i: i.token("rsa-1")[:-4] + "AAAA", "rejected"),
+        (lambda i: "a.b.c", "not a valid JWT"),
+    ],
+)
+async def test_bad_service_account_tokens(issuer: Issuer, make: Any, message: str) -> None:
+    """Wrong audience, expired, bad signature, unknown account, tampering: 401 naming the check."""
+    with pytest.raises(InvalidClientError) as info:
+        await registry(issuer)[0].authenticate(f"Bearer {make(issuer)}")
+    assert message in info.value.description
+
+
+async def test_rotated_signing_key_is_fetched_once_and_rate_limited(issuer: Issuer) -> None:
+    """A token signed by a new key refreshes the JWKS once; unknown kids within the refresh interval
+    do not re-read it."""
+    reg, source = registry(issuer, refresh_min=60)
+    await reg.authenticate(f"Bearer {issuer.token('rsa-1')}")
+    assert 1 == source.reads
+    issuer.add_key("rsa-2")  # rotation: the cluster starts signing with a new key
+    with pytest.raises(InvalidClientError, match="unknown key"):
+        await reg.authenticate(f"Bearer {issuer.token('rsa-2')}")  # within 60 s of the last read
+    assert 1 == source.reads
+    reg2, source2 = registry(issuer, refresh_min=0)
+    await reg2.authenticate(f"Bearer {issuer.token('rsa-1')}")
+    issuer.add_key("rsa-3")
+    assert "siem" == (await reg2.authenticate(f"Bearer {issuer.token('rsa-3')}")).name
+    assert 2 == source2.reads

@@ -17,8 +17,13 @@ HASH = "a" * 64
 
 def minimal(**overrides: Any) -> dict[str, Any]:
     raw: dict[str, Any] = {
-        "apps": {"defender": {"client_id": CLIENT_ID, "credential": {"env": "X"},
-                              "resources": ["https://api.security.microsoft.com/"]}},
+        "apps": {
+            "defender": {
+                "client_id": CLIENT_ID,
+                "credential": {"env": "X"},
+                "resources": ["https://api.security.microsoft.com/"],
+            }
+        },
         "callers": {"soar": {"api_key_sha256": HASH, "tenants": ["*"], "apps": ["defender"]}},
     }
     raw.update(overrides)
@@ -45,8 +50,10 @@ def test_minimal_config_loads_with_defaults() -> None:
         (lambda r: r["apps"]["defender"].update(client_id="nope"), "apps.defender.client_id"),
         (lambda r: r["apps"]["defender"].update(colour="red"), "apps.defender.colour: unknown key"),
         (lambda r: r["apps"]["defender"].update(credential={}), "apps.defender.credential"),
-        (lambda r: r["apps"]["defender"].update(credential={"env": "A", "file": "/b"}),
-         "apps.defender.credential"),
+        (
+            lambda r: r["apps"]["defender"].update(credential={"env": "A", "file": "/b"}),
+            "apps.defender.credential",
+        ),
         (lambda r: r["callers"]["soar"].update(api_key_sha256="xyz"), "callers.soar.api_key_sha256"),
         (lambda r: r["callers"]["soar"].update(apps=["ghost"]), "callers.soar.apps: unknown app 'ghost'"),
         (lambda r: r["callers"]["soar"].update(tenants=["not a tenant"]), "callers.soar.tenants"),
@@ -88,7 +95,6 @@ def test_embedded_defaults_need_client_id_and_caller_hash() -> None:
     """Without a file, the defaults are built from BROKER_CLIENT_ID and BROKER_CALLER_KEY_SHA256."""
     with pytest.raises(ConfigError, match=r"apps\.default\.client_id"):
         load_settings(None, environ={})
-    settings = load_settings(None, environ={"BROKER_CLIENT_ID": CLIENT_ID,
-                                            "BROKER_CALLER_KEY_SHA256": HASH})
+    settings = load_settings(None, environ={"BROKER_CLIENT_ID": CLIENT_ID, "BROKER_CALLER_KEY_SHA256": HASH})
     assert CLIENT_ID == settings.apps["default"].client_id
     assert "env" == settings.apps["default"].credential.kind

@@ -20,7 +20,11 @@ def test_from_jwt_reads_claims_and_hides_the_token() -> None:
     raw = jwt({"tid": "t-1", "roles": ["Incident.Read.All"], "uti": "u-1"})
     token = AccessToken.from_jwt(raw, expires_in=3600, resource="https://r", now=1000.0)
     assert ("t-1", ("Incident.Read.All",), "u-1", 4600.0) == (
-        token.tenant_id, token.roles, token.uti, token.expires_on)
+        token.tenant_id,
+        token.roles,
+        token.uti,
+        token.expires_on,
+    )
     assert raw not in repr(token)
     wanted = ("Incident.Read.All", "AdvancedHunting.Read.All")
     assert ["AdvancedHunting.Read.All"] == token.missing_roles(wanted)

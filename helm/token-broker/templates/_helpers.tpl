@@ -124,11 +124,16 @@ metrics taken from containerPorts and outbound_ca_file from extraCA.
 {{- fail (printf "config.callers.%s.apps names %q, which is not in config.apps" $cname .) -}}
 {{- end -}}
 {{- end -}}
+{{- if $caller.api_key_sha256 -}}
 {{- $h := lower $caller.api_key_sha256 -}}
 {{- if hasKey $hashes $h -}}
 {{- fail (printf "config.callers: %s and %s share one api_key_sha256" (get $hashes $h) $cname) -}}
 {{- end -}}
 {{- $_ := set $hashes $h $cname -}}
+{{- end -}}
+{{- if and $caller.service_account (not $cfg.service_account_auth) -}}
+{{- fail (printf "config.callers.%s.service_account needs config.service_account_auth (issuer, audience)" $cname) -}}
+{{- end -}}
 {{- end -}}
 {{- $drain := 10 -}}
 {{- if not (kindIs "invalid" $cfg.drain_seconds) }}{{ $drain = $cfg.drain_seconds }}{{ end -}}

@@ -1,0 +1,97 @@
+"""Kubernetes service-account tokens as caller credentials, end to end: a local OIDC issuer over
+HTTP (discovery + JWKS), a broker process, real RS256 tokens, and a signing-key rotation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jwt
+import pytest
+from aiohttp import web
+
+from tests.functional.conftest import DEFENDER, TENANT_A, World, ask
+from tests.support import BrokerProcess, free_port
+from tests.test_callers import ACCOUNT, Issuer
+
+StartBroker = Callable[..., BrokerProcess]
+
+
+@pytest.fixture
+def oidc_issuer(tmp_path: Path) -> Iterator[tuple[str, Issuer]]:
+    """An OIDC issuer on 127.0.0.1 serving its discovery document and the JWKS file's current keys."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/issuer"
+    issuer = Issuer(tmp_path / "jwks.json")
+    issuer.add_key("k1")
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    runner_box: list[web.AppRunner] = []
+
+    async def discovery(_r: web.Request) -> web.Response:
+        return web.json_response({"issuer": base, "jwks_uri": f"{base}/keys"})
+
+    async def keys(_r: web.Request) -> web.Response:
+        return web.json_response(json.loads(issuer.path.read_text()))
+
+    async def start() -> None:
+        app = web.Application()
+        app.router.add_get("/issuer/.well-known/openid-configuration", discovery)
+        app.router.add_get("/issuer/keys", keys)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner_box.append(runner)
+        ready.set()
+
+    thread = threading.Thread(
+        target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True
+    )
+    thread.start()
+    assert ready.wait(10)
+    yield base, issuer
+    asyncio.run_coroutine_threadsafe(runner_box[0].cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+def test_service_account_caller_gets_a_token(
+    world: World, start_broker: StartBroker, oidc_issuer: tuple[str, Issuer]
+) -> None:
+    """A pod's projected token (right issuer, audience, account) gets an Entra token; after the
+    cluster rotates its signing key, tokens signed by the new key are accepted too; a token for
+    another audience is 401."""
+    base, issuer = oidc_issuer
+    config = world.broker_config(
+        service_account_auth={"issuer": base, "audience": "token-broker", "jwks_refresh_min_seconds": 0}
+    )
+    config["callers"]["siem"] = {"service_account": ACCOUNT, "tenants": [TENANT_A], "apps": ["defender"]}
+    broker = start_broker(config, world.env)
+    body = {"tenant": TENANT_A, "resource": DEFENDER}
+    ok = ask(broker, _token(issuer, base, "k1"), body)
+    assert 200 == ok.status_code, ok.text
+    issuer.add_key("k2")
+    rotated = ask(broker, _token(issuer, base, "k2"), body)
+    assert 200 == rotated.status_code, rotated.text
+    wrong = ask(broker, _token(issuer, base, "k2", aud="other"), body)
+    assert 401 == wrong.status_code
+    assert "invalid_client" == wrong.json()["error"]
+    audit = [json.loads(line) for line in broker.log_text().splitlines() if '"broker.audit"' in line]
+    assert ["siem", "siem", "-"] == [line["caller"] for line in audit]
+
+
+def _token(issuer: Issuer, base: str, kid: str, aud: str = "token-broker") -> str:
+    """A projected service-account token as the kubelet would mint it, for issuer ``base``."""
+    key, kind = issuer.keys[kid]
+    now = int(time.time())
+    return jwt.encode(
+        {"iss": base, "sub": ACCOUNT, "aud": aud, "iat": now, "nbf": now, "exp": now + 600},
+        key,
+        algorithm=kind,
+        headers={"kid": kid},
+    )
