@@ -60,7 +60,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(settings.log_level)
-    _run(serve(settings))
+    try:
+        _run(serve(settings))
+    except OSError as exc:  # the listen address is taken or not ours to bind
+        print(f"token-broker: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 

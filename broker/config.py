@@ -341,7 +341,13 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
     environ = os.environ if environ is None else environ
     path = path or environ.get(CONFIG_ENV) or None
     if path is None:
-        return parse_settings(default_raw_settings(environ), environ)
+        try:
+            return parse_settings(default_raw_settings(environ), environ)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc} (no --config or BROKER_CONFIG given: the embedded defaults need "
+                "BROKER_CLIENT_ID, BROKER_CLIENT_SECRET and BROKER_CALLER_KEY_SHA256)"
+            ) from None
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
