@@ -291,9 +291,9 @@ section "shellcheck $(shellcheck --version | sed -n 's/^version: //p')"
 run "shellcheck deploy/*.sh" shellcheck deploy/validate.sh deploy/install-tools.sh
 
 section "yamllint"
-run "yamllint --strict (config, chart values, value sets, compose)" \
+run "yamllint --strict (config, chart values, value sets, compose, alert rules)" \
   yamllint --strict -c .yamllint.yaml .yamllint.yaml .hadolint.yaml "$CHART/Chart.yaml" "$CHART/values.yaml" \
-  "$VALUES_DIR" deploy/docker-compose.yml
+  "$VALUES_DIR" deploy/docker-compose.yml deploy/prometheus
 run "values.schema.json is valid JSON Schema (draft-07)" "${TOOLS_PY[@]}" -c \
   'import json,sys,jsonschema; jsonschema.Draft7Validator.check_schema(json.load(open(sys.argv[1])))' \
   "$CHART/values.schema.json"

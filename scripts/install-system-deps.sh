@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# System packages the test suite needs: redis-server (the tests start their own on a free port).
+# System packages the test suite needs, from Debian: redis-server (the tests start their own on a
+# free port) and promtool (from the prometheus package: checks and unit-tests the alert rules).
 set -euo pipefail
-if command -v redis-server >/dev/null 2>&1; then
-    exit 0
-fi
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+[ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
-    echo "redis-server is missing: install it (Debian: apt-get install redis-server)" >&2
+    echo "missing system packages: ${missing[*]} (Debian: apt-get install ${missing[*]})" >&2
     exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
+# Install the binaries only: no package may start a service on this machine.
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+fi
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends redis-server >/dev/null
-command -v redis-server
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
