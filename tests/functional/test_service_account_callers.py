@@ -14,6 +14,7 @@ import jwt
 import pytest
 from aiohttp import web
 
+from broker.client import BrokerCredential
 from tests.functional.conftest import DEFENDER, TENANT_A, World, ask
 from tests.support import BrokerProcess, free_port
 from tests.test_callers import ACCOUNT, Issuer
@@ -95,3 +96,18 @@ def _token(issuer: Issuer, base: str, kid: str, aud: str = "token-broker") -> st
         algorithm=kind,
         headers={"kid": kid},
     )
+
+
+def test_client_with_a_projected_token_file(
+    world: World, start_broker: StartBroker, oidc_issuer: tuple[str, Issuer], tmp_path: Path
+) -> None:
+    """BrokerCredential(token_file=...) presents the pod's service-account JWT and gets tokens."""
+    base, issuer = oidc_issuer
+    config = world.broker_config(service_account_auth={"issuer": base, "audience": "token-broker"})
+    config["callers"]["siem"] = {"service_account": ACCOUNT, "tenants": ["*"], "apps": ["defender"]}
+    broker = start_broker(config, world.env)
+    token_file = tmp_path / "token"
+    token_file.write_text(_token(issuer, base, "k1"))
+    with BrokerCredential(broker.url, token_file=str(token_file)) as credential:
+        token = credential.get_token(f"{DEFENDER}/.default", tenant_id=TENANT_A)
+    assert TENANT_A == world.emulator.verify_token(token.token, DEFENDER)["tid"]
