@@ -1,0 +1,736 @@
+"""``make bench`` / ``python -m bench`` / ``python bench/run.py``: token-broker's performance targets,
+measured as ratios in one run on this machine.
+
+It starts, on loopback: a redis-server, the Entra ID + Key Vault emulator (``tests/emulator``), two
+broker processes configured as deployed (Redis + AES-GCM sealed shared cache, app secret in Key Vault,
+INFO logging with one ``broker.audit`` JSON line per request written to a log file) and the baseline
+(``bench/baseline.py``: a bare aiohttp app on uvloop). Then:
+
+1. **cache-hit**: warms ``--tenants`` tenants through broker *L* (real Entra acquisitions from the
+   emulator) and 10 through broker *S*; drives ``POST /v1/token`` over the warmed tenants at
+   ``--connections`` with wrk (or the asyncio fallback) for ``--duration`` seconds, against broker L
+   and the baseline in turn, ``--rounds`` times (interleaved, order rotated each round); medians.
+2. **flat lookup**: the same runs against broker S (10 cached tenants) interleaved with them; p50 of
+   L (N cached) over p50 of S (10 cached).
+3. **cold herd**: three more replicas sharing the Redis (started with L and S, idle until now);
+   ``--herd-requests`` concurrent requests spread over ``--herd-tenants`` never-requested tenants;
+   Entra token requests counted by the emulator and the wall time.
+
+Prints a table with PASS/FAIL per target and writes a JSON summary (``--json``, default
+``bench-results.json`` in the repository root). ``--smoke`` is a few-second run with tiny sizes, to
+keep this script working from a test; its figures mean nothing. Exit status: 0 when every run worked
+(every measured request answered 2xx, no upstream call during load), 1 otherwise; ``--check`` also
+fails on a missed target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import requests  # noqa: E402
+
+from bench import loadgen  # noqa: E402
+from broker.callers import new_api_key  # noqa: E402
+from tests.emulator import Emulator, start_emulator  # noqa: E402
+from tests.support import BrokerProcess, RedisServer, free_port  # noqa: E402
+
+APP_ID = "0f0e0d0c-0b0a-4999-8888-777766665555"
+HOME_TENANT = "aaaaaaaa-1111-4111-8111-aaaaaaaaaaaa"
+DEFENDER = "https://api.security.microsoft.com"
+ROLES = ["Incident.Read.All", "AdvancedHunting.Read.All"]
+APP_SECRET_NAME = "defender-app-secret"  # noqa: S105 - a Key Vault secret name
+CACHE_KEY_NAME = "broker-cache-key"
+URL_PATH = "/v1/token"
+SMALL_SET = 10
+
+TARGET_RPS_RATIO = 0.8
+TARGET_P99_RATIO = 2.0
+TARGET_FLAT_RATIO = 1.1
+
+
+def tenant_id(n: int, kind: int = 0) -> str:
+    """Deterministic tenant GUIDs: kind 0 = warmed set, kind 1 = cold-herd set."""
+    return f"{n:08x}-{kind:04x}-4000-8000-{n:012x}"
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- the world in the emulator ------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    emulator: Emulator
+    redis: RedisServer
+    caller_key: str
+    config: dict[str, Any]
+    env: dict[str, str]
+    warm_tenants: list[str]
+    herd_tenants: list[str]
+
+
+def build_world(emulator: Emulator, redis: RedisServer, n_warm: int, n_herd: int, workers: int = 4) -> World:
+    app_secret = base64.b64encode(os.urandom(24)).decode()
+    emulator.add_tenant(HOME_TENANT)
+    emulator.add_app(APP_ID, home_tenant=HOME_TENANT, secret=app_secret)
+    emulator.set_secret(APP_SECRET_NAME, app_secret)
+    emulator.set_secret(CACHE_KEY_NAME, base64.b64encode(os.urandom(32)).decode())
+    warm = [tenant_id(i) for i in range(1, n_warm + 1)]
+    herd = [tenant_id(i, 1) for i in range(1, n_herd + 1)]
+    local = threading.local()
+
+    def add(tenant: str) -> None:
+        handle = getattr(local, "emulator", None)
+        if handle is None:
+            handle = local.emulator = Emulator(emulator.base_url, emulator.ca_path)
+        handle.add_tenant(tenant)
+        handle.grant(tenant, APP_ID, DEFENDER, ROLES)
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(add, warm + herd))
+    key, key_hash = new_api_key()
+    identity = emulator.broker_identity
+    config = {
+        "authority_host": emulator.base_url,
+        "key_vault_url": emulator.base_url,
+        "key_vault_verify_challenge_resource": False,
+        "azure_credential": "environment",
+        "outbound_ca_file": str(emulator.ca_path),
+        "log_level": "INFO",  # as deployed: one broker.audit JSON line per request, to a file
+        "redis_url": redis.url,
+        "cache_encryption_key": {"secret": CACHE_KEY_NAME},
+        "apps": {
+            "defender": {
+                "client_id": APP_ID,
+                "credential": {"secret": APP_SECRET_NAME},
+                "resources": [DEFENDER],
+            }
+        },
+        "callers": {"bench": {"api_key_sha256": key_hash, "tenants": ["*"], "apps": ["defender"]}},
+    }
+    env = {
+        "AZURE_TENANT_ID": identity.tenant_id,
+        "AZURE_CLIENT_ID": identity.client_id,
+        "AZURE_CLIENT_SECRET": identity.client_secret,
+        "AZURE_AUTHORITY_HOST": emulator.base_url,
+    }
+    return World(emulator, redis, key, config, env, warm, herd)
+
+
+def start_brokers(workdir: Path, world: World, names: Sequence[str], **overrides: Any) -> list[BrokerProcess]:
+    brokers = [BrokerProcess(workdir, {**world.config, **overrides}, world.env, name) for name in names]
+    with ThreadPoolExecutor(len(brokers)) as pool:
+        list(pool.map(lambda b: b.start(), brokers))
+    return brokers
+
+
+class Baseline:
+    """``python -m bench.baseline`` as a child process."""
+
+    def __init__(self, body_bytes: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(  # noqa: S603
+            [
+                sys.executable,
+                "-m",
+                "bench.baseline",
+                "--port",
+                str(self.port),
+                "--body-bytes",
+                str(body_bytes),
+            ],
+            cwd=ROOT,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"baseline exited with {self.process.returncode}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.05)
+        raise TimeoutError("baseline not ready")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+# --- HTTP helpers -------------------------------------------------------------------------------
+
+
+async def _post_all(
+    jobs: Sequence[tuple[str, str]], key: str, *, concurrency: int | None
+) -> tuple[list[int], float]:
+    """POST /v1/token for each (base_url, tenant); all at once when concurrency is None."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    semaphore = asyncio.Semaphore(concurrency or len(jobs) or 1)
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(base_url: str, tenant: str) -> int:
+            async with semaphore:
+                body = json.dumps({"tenant": tenant, "resource": DEFENDER})
+                async with session.post(f"{base_url}{URL_PATH}", data=body, headers=headers) as response:
+                    await response.read()
+                    return response.status
+
+        started = time.perf_counter()
+        statuses = await asyncio.gather(*(one(u, t) for u, t in jobs), return_exceptions=True)
+        wall = time.perf_counter() - started
+    return [s if isinstance(s, int) else -1 for s in statuses], wall
+
+
+def post_all(
+    jobs: Sequence[tuple[str, str]], key: str, *, concurrency: int | None
+) -> tuple[list[int], float]:
+    import uvloop
+
+    return uvloop.run(_post_all(jobs, key, concurrency=concurrency))
+
+
+def process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+)"
+    match = re.search(pattern, text)
+    return float(match.group(1)) if match else 0.0
+
+
+def l1_counts(broker: BrokerProcess) -> tuple[float, float]:
+    text = broker.metrics_text()
+    name = "broker_cache_lookups_total"
+    return (
+        metric_value(text, name, 'layer="l1",result="hit"'),
+        metric_value(text, name, 'layer="l1",result="miss"'),
+    )
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "note": "load generator, servers, redis and emulator share these cores; nothing is pinned",
+    }
+
+
+# --- measurement --------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    tenants: list[str]
+    pid: int
+    script: Path | None = None
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def drive(target: Target, args: argparse.Namespace, key: str, seconds: float) -> dict[str, Any]:
+    cpu_before = process_cpu_seconds(target.pid)
+    if args.loadgen == "wrk":
+        assert target.script is not None  # noqa: S101
+        result = loadgen.run_wrk(
+            target.script,
+            target.url,
+            connections=args.connections,
+            threads=args.threads,
+            seconds=seconds,
+            url_path=URL_PATH,
+        )
+    else:
+        result = loadgen.run_python(
+            target.url, target.tenants, key, DEFENDER, URL_PATH, connections=args.connections, seconds=seconds
+        )
+    cpu = process_cpu_seconds(target.pid) - cpu_before
+    result["server_cpu_s"] = round(cpu, 3)
+    result["server_cpu_us_per_request"] = round(cpu / max(1, result["requests"]) * 1e6, 1)
+    return result
+
+
+def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    return {
+        "rps": round(med("rps"), 1),
+        "p50_ms": round(med("p50_ms"), 3),
+        "p99_ms": round(med("p99_ms"), 3),
+        "server_cpu_us_per_request": round(med("server_cpu_us_per_request"), 1),
+        "requests": sum(r["requests"] for r in runs),
+        "errors": sum(r["errors"] for r in runs),
+    }
+
+
+def run_rounds(targets: Sequence[Target], args: argparse.Namespace, key: str) -> None:
+    if args.warmup > 0:
+        for target in targets:
+            drive(target, args, key, args.warmup)
+    for round_no in range(args.rounds):
+        shift = round_no % len(targets)
+        order = list(targets[shift:]) + list(targets[:shift])
+        for target in order:
+            result = drive(target, args, key, args.duration)
+            result["round"] = round_no + 1
+            target.runs.append(result)
+            log(
+                f"round {round_no + 1}/{args.rounds} {target.name:<9} rps={result['rps']:8.0f} "
+                f"p50={result['p50_ms']:7.2f}ms p99={result['p99_ms']:7.2f}ms "
+                f"cpu/req={result['server_cpu_us_per_request']:6.0f}us errors={result['errors']}"
+            )
+
+
+def cold_herd(world: World, herd: Sequence[BrokerProcess], n_requests: int) -> dict[str, Any]:
+    """``herd``: replicas started with the others but never asked anything yet (empty L1)."""
+    replicas = len(herd)
+    try:
+        seen_before = {e["tenant_id"] for e in world.emulator.requests("token", client_id=APP_ID)} & set(
+            world.herd_tenants
+        )
+        if seen_before:
+            raise RuntimeError("cold-herd tenants were requested before the herd")
+        jobs = [
+            (herd[i % replicas].url, world.herd_tenants[i % len(world.herd_tenants)])
+            for i in range(n_requests)
+        ]
+        statuses, wall = post_all(jobs, world.caller_key, concurrency=None)
+        herd_set = set(world.herd_tenants)
+        upstream = [
+            e for e in world.emulator.requests("token", client_id=APP_ID) if e["tenant_id"] in herd_set
+        ]
+        ok = sum(1 for s in statuses if s == 200)
+        return {
+            "replicas": replicas,
+            "requests": n_requests,
+            "tenants": len(world.herd_tenants),
+            "ok": ok,
+            "failed": n_requests - ok,
+            "statuses": sorted({str(s) for s in statuses}),
+            "upstream_token_requests": len(upstream),
+            "upstream_distinct_tenants": len({e["tenant_id"] for e in upstream}),
+            "wall_s": round(wall, 3),
+        }
+    finally:
+        for broker in herd:
+            broker.stop()
+
+
+def profile_broker(target: Target, args: argparse.Namespace, key: str, out_dir: Path) -> dict[str, Any]:
+    """py-spy (if installed) samples broker L during one more (unreported) load run: top functions by
+    own and inclusive samples, as a share of the samples where the broker's threads were busy. It pauses
+    the process for each sample (complete stacks), so that run's throughput is lower."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists():
+        return {"skipped": "py-spy not installed (pip install py-spy)"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    collapsed = out_dir / "broker-profile.txt"
+    seconds = max(2, round(args.duration))
+    spy = subprocess.Popen(  # noqa: S603
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(target.pid),
+            "--duration",
+            str(seconds + 1),
+            "--rate",
+            "250",
+            "--format",
+            "raw",
+            "--output",
+            str(collapsed),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(0.5)
+    drive(target, args, key, seconds)
+    _, err = spy.communicate(timeout=seconds + 60)
+    if spy.returncode != 0 or not collapsed.exists():
+        return {"skipped": f"py-spy failed: {err.decode(errors='replace')[-500:]}"}
+    return {"collapsed_stacks": str(collapsed), **summarise_profile(collapsed)}
+
+
+_IDLE_LEAVES = ("_worker (concurrent/futures/thread.py)", "Condition.wait (threading.py)")
+
+
+def summarise_profile(path: Path, top: int = 40) -> dict[str, Any]:
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        frames = [f for f in frames if not f.startswith("process ") and not f.startswith("thread ")]
+        if not frames or frames[-1].startswith(_IDLE_LEAVES):
+            continue  # an idle MSAL pool thread waiting for work: not CPU
+        total += count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+
+    def ranked(table: dict[str, int]) -> list[dict[str, Any]]:
+        rows = sorted(table.items(), key=lambda kv: -kv[1])[:top]
+        return [{"function": f, "percent": round(100 * c / max(1, total), 1)} for f, c in rows]
+
+    return {"samples": total, "top_self": ranked(own), "top_inclusive": ranked(inclusive)}
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured run (10)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported (5)")
+    parser.add_argument("--connections", type=int, default=64, help="concurrent connections (64)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
+    parser.add_argument("--tenants", type=int, default=10_000, help="tenants warmed in broker L (10000)")
+    parser.add_argument("--warm-concurrency", type=int, default=32, help="concurrent warming requests (32)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per target first (2)")
+    parser.add_argument("--herd-requests", type=int, default=1000, help="cold-herd requests (1000)")
+    parser.add_argument("--herd-tenants", type=int, default=100, help="cold-herd tenants (100)")
+    parser.add_argument("--herd-replicas", type=int, default=3, help="cold-herd replicas (3)")
+    parser.add_argument(
+        "--loadgen",
+        choices=["auto", "wrk", "python"],
+        default="auto",
+        help="wrk if installed, else a bounded asyncio client (auto)",
+    )
+    parser.add_argument("--profile", action="store_true", help="also sample broker L with py-spy")
+    parser.add_argument(
+        "--profile-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "token-broker-bench-profile",
+        help="where --profile writes the collapsed stacks",
+    )
+    parser.add_argument("--smoke", action="store_true", help="a few seconds, tiny sizes: checks the script")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench-results.json", help="JSON summary path")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.duration, args.rounds, args.warmup = 1.0, 1, 0.0
+        args.tenants, args.herd_requests, args.herd_tenants = 20, 60, 6
+        args.connections = min(args.connections, 8)
+    if args.loadgen == "auto":
+        args.loadgen = "wrk" if loadgen.wrk_available() else "python"
+    if args.tenants < SMALL_SET:
+        parser.error(f"--tenants must be at least {SMALL_SET}")
+    return args
+
+
+@contextlib.contextmanager
+def workspace(keep: bool) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="token-broker-bench-"))
+    try:
+        yield path
+    finally:
+        if keep:
+            log(f"work directory kept: {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    began = time.monotonic()
+    info = machine()
+    log(
+        f"{info['nproc']} CPUs ({info['cpu_model']}), load generator: {args.loadgen}; "
+        "load generator, servers, redis and emulator share the cores (nothing pinned)"
+    )
+    stack = contextlib.ExitStack()
+    with workspace(args.keep) as work, stack:
+        redis = RedisServer(work)
+        redis.start()
+        stack.callback(redis.stop)
+        emulator = start_emulator(work / "emulator", timeout=30)
+        stack.callback(emulator.stop)
+        t0 = time.monotonic()
+        world = build_world(emulator, redis, args.tenants, args.herd_tenants)
+        timings: dict[str, float] = {"emulator_setup_s": round(time.monotonic() - t0, 2)}
+        log(f"emulator: {args.tenants} + {args.herd_tenants} tenants in {timings['emulator_setup_s']} s")
+
+        # The herd replicas start now too (in parallel, to save time) and stay idle until the herd.
+        big, small, *herd_brokers = start_brokers(
+            work, world, ["broker-L", "broker-S"] + [f"herd-{i + 1}" for i in range(args.herd_replicas)]
+        )
+        for broker in (big, small, *herd_brokers):
+            stack.callback(broker.stop)
+        t0 = time.monotonic()
+        statuses, _ = post_all(
+            [(big.url, t) for t in world.warm_tenants], world.caller_key, concurrency=args.warm_concurrency
+        )
+        statuses += post_all(
+            [(small.url, t) for t in world.warm_tenants[:SMALL_SET]],
+            world.caller_key,
+            concurrency=args.warm_concurrency,
+        )[0]
+        timings["warm_s"] = round(time.monotonic() - t0, 2)
+        if any(s != 200 for s in statuses):
+            raise RuntimeError(f"warming failed: statuses {sorted(set(statuses))} (see {work})")
+        upstream_warm = emulator.counters()["token"]
+        log(f"warmed {args.tenants} tenants in broker L and {SMALL_SET} in broker S in {timings['warm_s']} s")
+
+        sample = requests.post(
+            f"{big.url}{URL_PATH}",
+            json={"tenant": world.warm_tenants[0], "resource": DEFENDER},
+            headers={"Authorization": f"Bearer {world.caller_key}"},
+            timeout=10,
+        )
+        body_bytes = len(sample.content)
+        baseline = Baseline(body_bytes)
+        stack.callback(baseline.stop)
+        baseline_bytes = len(
+            requests.post(
+                f"{baseline.url}{URL_PATH}",
+                json={"tenant": world.warm_tenants[0], "resource": DEFENDER},
+                timeout=10,
+            ).content
+        )
+
+        assert big.process is not None  # noqa: S101
+        assert small.process is not None  # noqa: S101
+        targets = [
+            Target("broker", big.url, world.warm_tenants, big.process.pid),
+            Target("baseline", baseline.url, world.warm_tenants, baseline.process.pid),
+            Target(f"broker-{SMALL_SET}", small.url, world.warm_tenants[:SMALL_SET], small.process.pid),
+        ]
+        if args.loadgen == "wrk":
+            targets[0].script = targets[1].script = loadgen.write_wrk_script(
+                work / "tenants-all.lua", world.warm_tenants, world.caller_key, DEFENDER, URL_PATH
+            )
+            targets[2].script = loadgen.write_wrk_script(
+                work / f"tenants-{SMALL_SET}.lua", targets[2].tenants, world.caller_key, DEFENDER, URL_PATH
+            )
+        l1_before = [l1_counts(big), l1_counts(small)]
+        t0 = time.monotonic()
+        run_rounds(targets, args, world.caller_key)
+        timings["load_s"] = round(time.monotonic() - t0, 2)
+        l1_after = [l1_counts(big), l1_counts(small)]
+        upstream_during_load = emulator.counters()["token"] - upstream_warm
+        l1_misses_during_load = sum(a[1] - b[1] for a, b in zip(l1_after, l1_before, strict=True))
+        l1_hits_during_load = sum(a[0] - b[0] for a, b in zip(l1_after, l1_before, strict=True))
+
+        profile: dict[str, Any] = {"skipped": "run with --profile"}
+        if args.profile:
+            profile = profile_broker(targets[0], args, world.caller_key, args.profile_dir)
+        baseline.stop()  # stop() is idempotent: the exit stack calls them again harmlessly
+        big.stop()
+        small.stop()
+        audit_lines = sum(1 for line in big.log_path.open("rb") if b'"broker.audit"' in line)
+        log_bytes = big.log_path.stat().st_size
+
+        t0 = time.monotonic()
+        herd = cold_herd(world, herd_brokers, args.herd_requests)
+        timings["herd_s"] = round(time.monotonic() - t0, 2)
+
+        timings["total_s"] = round(time.monotonic() - began, 1)
+        results = report(
+            args,
+            info,
+            targets,
+            herd,
+            profile,
+            timings,
+            body_bytes,
+            baseline_bytes,
+            {
+                "upstream_token_requests_during_load": upstream_during_load,
+                "l1_hits_during_load": int(l1_hits_during_load),
+                "l1_misses_during_load": int(l1_misses_during_load),
+                "broker_L_audit_lines": audit_lines,
+                "broker_L_log_bytes": log_bytes,
+            },
+        )
+    args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    log(f"JSON summary: {args.json}")
+    if not results["valid"]:
+        log("INVALID RUN: " + "; ".join(results["problems"]))
+        return 1
+    if args.check and not all(t["pass"] for t in results["targets"].values()):
+        return 1
+    return 0
+
+
+def report(
+    args: argparse.Namespace,
+    info: dict[str, Any],
+    targets: Sequence[Target],
+    herd: dict[str, Any],
+    profile: dict[str, Any],
+    timings: dict[str, float],
+    body_bytes: int,
+    baseline_bytes: int,
+    checks: dict[str, Any],
+) -> dict[str, Any]:
+    broker, base, small = (summarise(t.runs) for t in targets)
+    rps_ratio = broker["rps"] / base["rps"] if base["rps"] else 0.0
+    p99_ratio = broker["p99_ms"] / base["p99_ms"] if base["p99_ms"] else float("inf")
+    flat_ratio = broker["p50_ms"] / small["p50_ms"] if small["p50_ms"] else float("inf")
+    paired = [
+        {
+            "round": b["round"],
+            "rps_ratio": round(b["rps"] / x["rps"], 3),
+            "p99_ratio": round(b["p99_ms"] / x["p99_ms"], 3),
+            "flat_ratio": round(b["p50_ms"] / s["p50_ms"], 3),
+        }
+        for b, x, s in zip(targets[0].runs, targets[1].runs, targets[2].runs, strict=True)
+    ]
+    target_results = {
+        "throughput_ratio": {
+            "value": round(rps_ratio, 3),
+            "target": f">= {TARGET_RPS_RATIO}",
+            "pass": rps_ratio >= TARGET_RPS_RATIO,
+        },
+        "p99_ratio": {
+            "value": round(p99_ratio, 3),
+            "target": f"<= {TARGET_P99_RATIO}",
+            "pass": p99_ratio <= TARGET_P99_RATIO,
+        },
+        "flat_lookup_ratio": {
+            "value": round(flat_ratio, 3),
+            "target": f"<= {TARGET_FLAT_RATIO}",
+            "pass": flat_ratio <= TARGET_FLAT_RATIO,
+        },
+        "cold_herd_upstream": {
+            "value": herd["upstream_token_requests"],
+            "target": f"== {herd['tenants']}",
+            "pass": herd["upstream_token_requests"] == herd["tenants"],
+        },
+    }
+    problems = []
+    if broker["errors"] or base["errors"] or small["errors"]:
+        problems.append("non-2xx or socket errors during load")
+    if checks["upstream_token_requests_during_load"] or checks["l1_misses_during_load"]:
+        problems.append("load runs were not all L1 cache hits")
+    if herd["failed"]:
+        problems.append(f"cold herd: {herd['failed']} requests failed ({herd['statuses']})")
+    results = {
+        "machine": info,
+        "settings": {
+            "loadgen": args.loadgen,
+            "connections": args.connections,
+            "threads": args.threads,
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "warmup_s": args.warmup,
+            "tenants": args.tenants,
+            "small_set": SMALL_SET,
+            "smoke": args.smoke,
+            "broker": "1 process per target, redis_url configured (hits served from L1), "
+            "log_level INFO, audit JSON lines to a log file",
+            "response_bytes": {"broker": body_bytes, "baseline": baseline_bytes},
+        },
+        "cache_hit": {"broker": broker, "baseline": base, "paired_round_ratios": paired},
+        "flat_lookup": {f"broker_{SMALL_SET}_tenants": small, f"broker_{args.tenants}_tenants": broker},
+        "cold_herd": herd,
+        "targets": target_results,
+        "checks": checks,
+        "timings": timings,
+        "profile": profile,
+        "runs": {t.name: t.runs for t in targets},
+        "valid": not problems,
+        "problems": problems,
+    }
+
+    def verdict(name: str) -> str:
+        return "PASS" if target_results[name]["pass"] else "FAIL"
+
+    print()
+    print(
+        f"machine: {info['nproc']} CPUs, {info['cpu_model']}; load generator {args.loadgen} "
+        f"-c{args.connections}"
+        + (f" -t{args.threads}" if args.loadgen == "wrk" else "")
+        + f", {args.rounds} x {args.duration:g}s interleaved, medians; everything shares the cores"
+    )
+    print(
+        f"broker: one process, Redis configured (hits from L1), INFO audit log to a file; "
+        f"bodies {body_bytes} B (baseline {baseline_bytes} B)"
+    )
+    print(
+        f"cache-hit   broker rps={broker['rps']:.0f} p50={broker['p50_ms']:.2f}ms "
+        f"p99={broker['p99_ms']:.2f}ms "
+        f"| baseline rps={base['rps']:.0f} p50={base['p50_ms']:.2f}ms p99={base['p99_ms']:.2f}ms "
+        f"| ratio rps={rps_ratio:.2f} (target >={TARGET_RPS_RATIO}) {verdict('throughput_ratio')} "
+        f"p99={p99_ratio:.2f} (target <={TARGET_P99_RATIO:g}) {verdict('p99_ratio')}"
+    )
+    print(
+        f"            server CPU per request: broker {broker['server_cpu_us_per_request']:.0f}us, "
+        f"baseline {base['server_cpu_us_per_request']:.0f}us"
+    )
+    print(
+        f"cold herd   {herd['replicas']} replicas, {herd['requests']} req, {herd['tenants']} tenants: "
+        f"upstream={herd['upstream_token_requests']} (target {herd['tenants']}) "
+        f"{verdict('cold_herd_upstream')}, "
+        f"wall={herd['wall_s']:.2f}s, ok={herd['ok']}/{herd['requests']}"
+    )
+    print(
+        f"flat lookup p50 {SMALL_SET} tenants={small['p50_ms']:.2f}ms, {args.tenants} tenants="
+        f"{broker['p50_ms']:.2f}ms, ratio={flat_ratio:.2f} (target <={TARGET_FLAT_RATIO}) "
+        f"{verdict('flat_lookup_ratio')}  (rps {small['rps']:.0f} vs {broker['rps']:.0f})"
+    )
+    print(
+        f"checks      upstream during load={checks['upstream_token_requests_during_load']}, "
+        f"L1 misses during load={checks['l1_misses_during_load']}, broker L audit lines="
+        f"{checks['broker_L_audit_lines']} ({checks['broker_L_log_bytes'] / 1e6:.0f} MB)"
+    )
+    print(f"timings     {', '.join(f'{k}={v}' for k, v in timings.items())}")
+    if profile.get("top_self"):
+        print(
+            "profile     top self: "
+            + "; ".join(f"{r['percent']}% {r['function']}" for r in profile["top_self"][:8])
+        )
+    if args.smoke:
+        print("(smoke mode: tiny sizes; the figures mean nothing)")
+    return results
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
