@@ -22,7 +22,7 @@ run: $(STAMP)  ## run the service (BROKER_CONFIG or the embedded defaults; see R
 	$(BIN)/token-broker serve
 
 lint: $(STAMP)  ## ruff and mypy --strict
-	$(BIN)/ruff check broker tests scripts
+	$(BIN)/ruff check broker tests scripts bench
 	$(BIN)/mypy
 
 unit: $(STAMP)  ## the test suite only
@@ -30,6 +30,9 @@ unit: $(STAMP)  ## the test suite only
 
 deploy-check: $(STAMP)  ## helm lint/template + kubernetes-validate, yamllint, hadolint
 	bash deploy/validate.sh
+
+bench: $(STAMP)  ## benchmarks: cache-hit vs bare aiohttp, cold herd, flat lookup (bench/README.md)
+	$(BIN)/python -m bench
 
 demo: $(STAMP)  ## redis + emulator + two replicas on loopback: consent link, token, cache hit, metrics
 	$(BIN)/python scripts/demo.py

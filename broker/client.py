@@ -260,9 +260,7 @@ class _Credential:
         scope = app_scope(*scopes)
         tenant = tenant_id or self._tenant
         if not tenant:
-            raise ValueError(
-                "no tenant: pass tenant_id=, give default_tenant_id= or use for_tenant(tenant)"
-            )
+            raise ValueError("no tenant: pass tenant_id=, give default_tenant_id= or use for_tenant(tenant)")
         return _Key(tenant.strip(), scope, self._app)
 
     def __repr__(self) -> str:

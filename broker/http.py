@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
@@ -35,7 +36,7 @@ from broker.errors import (
     UnsupportedMediaTypeError,
     UpstreamError,
 )
-from broker.logs import request_id_var
+from broker.logs import AuditLog, request_id_var
 from broker.metrics import Metrics
 from broker.oidc import JwksFetcher
 from broker.service import Issued, TokenBroker
@@ -44,7 +45,6 @@ from broker.tokens import DEFAULT_MIN_TTL_SECONDS, MAX_MIN_TTL_SECONDS, TokenReq
 from broker.vault import CredentialStore
 
 log = logging.getLogger(__name__)
-audit = logging.getLogger("broker.audit")
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -52,19 +52,21 @@ BROKER = web.AppKey("broker", TokenBroker)
 CALLERS = web.AppKey("callers", CallerRegistry)
 CACHE = web.AppKey("cache", TokenCache)
 CREDENTIALS = web.AppKey("credentials", CredentialStore)
+AUDIT = web.AppKey("audit", AuditLog)
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _FIELDS = frozenset({"tenant", "resource", "scope", "app", "roles", "min_ttl"})
 _MAX_ROLES = 64
 _MAX_ROLE_LENGTH = 256
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+_RESOURCE_RE = re.compile(r"^https://[A-Za-z0-9.-]+(:\d+)?(/[A-Za-z0-9._~%/-]*)?$")
 
 
 def _json_response(
     body: dict[str, Any], *, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(
-        body=json.dumps(body, separators=(",", ":")).encode(),
+        body=orjson.dumps(body),
         status=status,
         content_type="application/json",
         headers={**_NO_STORE, **(headers or {})},
@@ -84,8 +86,7 @@ def parse_token_request(body: Any) -> TokenRequest:
     """Validate the JSON body strictly: unknown fields, wrong types and bad formats are 400s."""
     if not isinstance(body, dict):
         raise InvalidRequestError("the body must be a JSON object")
-    unknown = sorted(set(body) - _FIELDS)
-    if unknown:
+    if not _FIELDS.issuperset(body) and (unknown := sorted(set(body) - _FIELDS)):
         raise InvalidRequestError(f"unknown field(s): {', '.join(unknown)}")
     tenant = body.get("tenant")
     if not isinstance(tenant, str) or not tenant:
@@ -123,7 +124,7 @@ def _parse_resource(resource: Any, scope: Any) -> str:
     if len(normalised) != 1:
         raise InvalidRequestError("'resource' and 'scope' name different resources")
     value = normalised.pop()
-    if not re.match(r"^https://[A-Za-z0-9.-]+(:\d+)?(/[A-Za-z0-9._~%/-]*)?$", value):
+    if not _RESOURCE_RE.match(value):
         raise InvalidRequestError("'resource' must be an https:// resource URI")
     return value
 
@@ -184,9 +185,9 @@ async def token_handler(request: web.Request) -> web.Response:
         raise
     finally:
         elapsed = time.perf_counter() - started
-        metrics.token_requests.labels(caller=caller_name, outcome=outcome).inc()
-        metrics.token_request_seconds.labels(outcome=outcome).observe(elapsed)
-        _audit(caller_name, token_request, issued, outcome, elapsed)
+        metrics.child(metrics.token_requests, caller_name, outcome).inc()
+        metrics.child(metrics.token_request_seconds, outcome).observe(elapsed)
+        _audit(app[AUDIT], caller_name, token_request, issued, outcome, elapsed)
     token = issued.token
     remaining = int(token.remaining_seconds())
     metrics.served_token_remaining_seconds.observe(remaining)
@@ -204,12 +205,16 @@ async def token_handler(request: web.Request) -> web.Response:
 
 
 def _audit(
-    caller: str, request: TokenRequest | None, issued: Issued | None, outcome: str, elapsed: float
+    audit: AuditLog,
+    caller: str,
+    request: TokenRequest | None,
+    issued: Issued | None,
+    outcome: str,
+    elapsed: float,
 ) -> None:
     """One line per token request: who asked for what, and what happened (never the token)."""
-    audit.info(
-        "token request",
-        extra={
+    audit.write(
+        {
             "caller": caller,
             "tenant": request.tenant if request else None,
             "app": issued.app if issued else (request.app if request else None),
@@ -219,7 +224,7 @@ def _audit(
             "latency_ms": round(elapsed * 1000, 3),
             "token_fingerprint": issued.token.fingerprint if issued else None,
             "uti": issued.token.uti if issued else None,
-        },
+        }
     )
 
 
@@ -277,6 +282,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = metrics or Metrics()
+    app[AUDIT] = AuditLog()
     app.cleanup_ctx.append(_components)
     app.router.add_post("/v1/token", token_handler)
     app.router.add_get("/healthz", healthz)

@@ -7,9 +7,13 @@ codes from Entra's finite list. Tenant ids are never labels (unbounded); per-ten
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from broker import __version__
+
+_M = TypeVar("_M", Counter, Histogram)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _REMAINING_BUCKETS = (60, 300, 600, 900, 1200, 1800, 2400, 3000, 3600, 4800, 5400)
@@ -99,3 +103,14 @@ class Metrics:
         )
         self.build_info = Info("broker_build", "token-broker build information.", registry=r)
         self.build_info.info({"version": __version__})
+        self._children: dict[tuple[object, tuple[str, ...]], object] = {}
+
+    def child(self, metric: _M, *label_values: str) -> _M:
+        """``metric.labels(*label_values)``, memoised: ``labels()`` validates, builds a key and takes a
+        lock on every call, which the per-request path pays several times. Label sets are bounded
+        (configured names, fixed outcomes), so the memo is too."""
+        key = (metric, label_values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*label_values)
+        return found  # type: ignore[return-value]

@@ -126,11 +126,11 @@ class TokenBroker:
         min_ttl = request.min_ttl_seconds
         token = self._cache.get_local(key)
         if token is not None and token.valid_for(min_ttl):
-            self._metrics.cache_lookups.labels(layer="l1", result="hit").inc()
+            self._metrics.child(self._metrics.cache_lookups, "l1", "hit").inc()
             self._maybe_refresh(key, token)
             layer = "l1"
         else:
-            self._metrics.cache_lookups.labels(layer="l1", result="miss").inc()
+            self._metrics.child(self._metrics.cache_lookups, "l1", "miss").inc()
             token, layer = await self._fetch(key, min_ttl)
         missing = token.missing_roles(request.roles)
         if missing:

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # System packages the test suite needs, from Debian: redis-server (the tests start their own on a
-# free port) and promtool (from the prometheus package: checks and unit-tests the alert rules).
+# free port), promtool (from the prometheus package: checks and unit-tests the alert rules) and wrk
+# (the benchmarks' load generator; the suite runs a smoke of them).
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)  # the benchmarks' load generator
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "missing system packages: ${missing[*]} (Debian: apt-get install ${missing[*]})" >&2
