@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import subprocess
 import sys
 from collections.abc import Callable
@@ -12,12 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 from redis.asyncio import Redis
 
+from tests.emulator import make_certificate
 from tests.functional.conftest import (
     APP_ID,
     DEFENDER,
@@ -116,29 +112,9 @@ def test_min_ttl_beyond_the_cached_token_forces_a_fresh_one(world: World, start_
     assert longer["access_token"] == again["access_token"]
 
 
-def _self_signed() -> tuple[str, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "token-broker-test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-    return key_pem, cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
 def test_certificate_credential_from_key_vault(world: World, start_broker: StartBroker) -> None:
     """An app authenticating with a certificate whose key Key Vault holds (PEM, as a secret) works."""
-    key_pem, cert_pem = _self_signed()
+    key_pem, cert_pem = make_certificate("token-broker-test")
     cert_app = "12121212-3434-4565-8787-909090909090"
     world.emulator.add_app(cert_app, home_tenant=TENANT_A, certificate_pem=cert_pem)
     world.emulator.grant(TENANT_B, cert_app, DEFENDER, ["Incident.Read.All"])
