@@ -6,19 +6,25 @@ Nothing here is a fake: ``RedisServer`` runs Debian's redis-server, ``BrokerProc
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import requests
 import yaml
+from aiohttp import web
 
 STARTUP_TIMEOUT_SECONDS = 20.0
 
@@ -36,6 +42,20 @@ def _wait_until(predicate: Any, timeout: float, what: str) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"{what} not ready after {timeout} s")
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``token-broker ARGS`` as an operator would run it (bounded; output captured as text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=check,
+        env=env,
+    )
 
 
 class RedisServer:
@@ -148,8 +168,29 @@ class BrokerProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
+    def log_lines(self) -> list[dict[str, Any]]:
+        """Every log line, parsed: raises if one is not a JSON object."""
+        return [json.loads(line) for line in self.log_text().splitlines() if line.strip()]
+
+    def audit_lines(self) -> list[dict[str, Any]]:
+        """The ``broker.audit`` lines: one per token request that reached this broker."""
+        return [line for line in self.log_lines() if line.get("logger") == "broker.audit"]
+
     def metrics_text(self) -> str:
         return requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+
+    def metric_samples(self) -> dict[str, float]:
+        """Every sample of the exposition, keyed by its name and labels as printed."""
+        samples = {}
+        for line in self.metrics_text().splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        return samples
+
+    def metric(self, name: str) -> float:
+        """The sum of every sample of ``name``, over all its label sets."""
+        return sum(v for k, v in self.metric_samples().items() if k == name or k.startswith(name + "{"))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
         if self.process is None:
@@ -164,3 +205,37 @@ class BrokerProcess:
         self.process = None
         self._log.close()
         return code
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    app: web.Application,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    after_cleanup: Callable[[], Awaitable[None]] | None = None,
+) -> Iterator[None]:
+    """Serve an aiohttp app on 127.0.0.1:``port`` from its own event loop in a thread (for fake peers
+    such as an OIDC issuer or a Defender API, while the test itself talks to real processes)."""
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app, access_log=None)
+
+    async def start() -> None:
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context).start()
+
+    async def stop() -> None:
+        await runner.cleanup()
+        if after_cleanup is not None:
+            await after_cleanup()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(start(), loop).result(STARTUP_TIMEOUT_SECONDS)
+        yield
+    finally:
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

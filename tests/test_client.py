@@ -45,8 +45,10 @@ def test_app_scope_is_one_resource_with_default_suffix() -> None:
         assert f"{DEFENDER}/.default" == app_scope(given)
 
 
-@pytest.mark.parametrize("scopes", [(), (f"{DEFENDER}/.default", "https://graph.microsoft.com/.default"),
-                                    ("User.Read",), ("openid",)])
+@pytest.mark.parametrize(
+    "scopes",
+    [(), (f"{DEFENDER}/.default", "https://graph.microsoft.com/.default"), ("User.Read",), ("openid",)],
+)
 def test_app_scope_refuses_what_the_broker_cannot_issue(scopes: tuple[str, ...]) -> None:
     """No scope, several scopes, or a delegated scope is a ValueError."""
     with pytest.raises(ValueError, match=r"scope|resource"):
@@ -72,8 +74,9 @@ def test_constructor_refuses_bad_arguments(kwargs: dict[str, object]) -> None:
 def test_a_tenant_is_required_before_anything_is_sent() -> None:
     """Without tenant_id, default_tenant_id or for_tenant(), get_token is a ValueError (no request:
     the broker URL points nowhere, which would be a ClientAuthenticationError)."""
-    with BrokerCredential(f"http://127.0.0.1:{free_port()}", api_key=KEY) as credential, pytest.raises(
-        ValueError, match="no tenant"
+    with (
+        BrokerCredential(f"http://127.0.0.1:{free_port()}", api_key=KEY) as credential,
+        pytest.raises(ValueError, match="no tenant"),
     ):
         credential.get_token(f"{DEFENDER}/.default")
 

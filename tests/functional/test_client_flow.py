@@ -6,7 +6,6 @@ rotation), and the README flow: listing incidents of several tenants from an emu
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import ssl
 import threading
@@ -42,7 +41,7 @@ from tests.functional.conftest import (
     TENANT_UNCONSENTED,
     World,
 )
-from tests.support import BrokerProcess, free_port
+from tests.support import BrokerProcess, free_port, serve_in_thread
 
 StartBroker = Callable[..., BrokerProcess]
 
@@ -57,12 +56,6 @@ INCIDENTS = {
     ],
     TENANT_C: [{"incidentId": 301, "incidentName": "Impossible travel", "severity": "Medium"}],
 }
-
-
-def _audit(broker: BrokerProcess) -> list[dict[str, Any]]:
-    """The broker's audit lines: one per token request that reached it."""
-    lines = (json.loads(line) for line in broker.log_text().splitlines() if line.startswith("{"))
-    return [line for line in lines if line.get("logger") == "broker.audit"]
 
 
 # --- the emulated Defender API ------------------------------------------------------------------
@@ -112,38 +105,17 @@ def defender_api(world: World, tmp_path: Path) -> Iterator[DefenderApi]:
         api.served.append((tid, 200))
         return web.json_response({"value": INCIDENTS.get(tid, [])})
 
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    runners: list[web.AppRunner] = []
-
-    async def start() -> None:
-        app = web.Application()
-        app.router.add_get("/api/incidents", incidents)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=server_tls).start()
-        runners.append(runner)
-        ready.set()
-
-    thread = threading.Thread(
-        target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True
-    )
-    thread.start()
-    assert ready.wait(10)
-    yield api
-
-    async def stop() -> None:
-        await runners[0].cleanup()
+    async def abort_leftovers() -> None:
         # A TLS connection whose client still holds its socket (a response kept alive by a traceback)
         # would wait for the client's close_notify: abort it, so no transport outlives the loop.
         for transport in transports:
             transport.abort()
         await asyncio.sleep(0.05)
 
-    asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    app = web.Application()
+    app.router.add_get("/api/incidents", incidents)
+    with serve_in_thread(app, port, ssl_context=server_tls, after_cleanup=abort_leftovers):
+        yield api
 
 
 # The README example, with the API's URL and CA as parameters (the real Defender needs neither).
@@ -196,7 +168,7 @@ def test_sync_credential_tokens_for_several_tenants_are_cached(
     assert first == again
     assert (first[TENANT_B].token, first[TENANT_B].expires_on) == (info.token, info.expires_on)
     assert info.expires_on - 300 == info.refresh_on
-    assert list(TENANTS) == [line["tenant"] for line in _audit(broker)]
+    assert list(TENANTS) == [line["tenant"] for line in broker.audit_lines()]
     assert 3 == world.emulator.token_requests(client_id=APP_ID)
 
 
@@ -209,7 +181,7 @@ def test_a_token_inside_the_refresh_margin_is_fetched_again(world: World, start_
     ) as credential:
         tokens = [credential.get_token(SCOPE) for _ in range(2)]
     assert tokens[0] == tokens[1]
-    assert ["entra", "l1"] == [line["cache_layer"] for line in _audit(broker)]
+    assert ["entra", "l1"] == [line["cache_layer"] for line in broker.audit_lines()]
 
 
 def test_sync_threads_share_one_broker_request(world: World, start_broker: StartBroker) -> None:
@@ -230,7 +202,7 @@ def test_sync_threads_share_one_broker_request(world: World, start_broker: Start
     assert 1 == len(set(results[:20]))
     assert ["consent_required"] * 5 == results[20:]
     assert [(TENANT_A, "ok"), (TENANT_UNCONSENTED, "consent_required")] == sorted(
-        (line["tenant"], line["outcome"]) for line in _audit(broker)
+        (line["tenant"], line["outcome"]) for line in broker.audit_lines()
     )
 
 
@@ -240,7 +212,7 @@ async def test_async_credential_single_flight_and_cache(world: World, start_brok
     broker = start_broker(world.broker_config(), world.env)
     async with AsyncBrokerCredential(broker.url, api_key=world.soar_key) as credential:
         herd = await asyncio.gather(*(credential.get_token(SCOPE, tenant_id=TENANT_A) for _ in range(20)))
-        assert 1 == len(_audit(broker))
+        assert 1 == len(broker.audit_lines())
         assert {herd[0]} == set(herd)
         views = {tenant: credential.for_tenant(tenant) for tenant in TENANTS}
         mixed = await asyncio.gather(*(view.get_token(SCOPE) for view in views.values() for _ in range(10)))
@@ -248,7 +220,7 @@ async def test_async_credential_single_flight_and_cache(world: World, start_brok
     assert 3 == len({token.token for token in mixed})
     assert herd[0] in mixed
     assert TENANT_C == world.emulator.verify_token(info.token, DEFENDER)["tid"]
-    assert sorted(TENANTS) == sorted(line["tenant"] for line in _audit(broker))
+    assert sorted(TENANTS) == sorted(line["tenant"] for line in broker.audit_lines())
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -258,9 +230,10 @@ def test_broker_errors_are_broker_authentication_errors(world: World, start_brok
     """A tenant without consent: consent_required (403) with the consent link in body and message; a
     wrong key: invalid_client (401). Neither message shows the key."""
     broker = start_broker(world.broker_config(), world.env)
-    with BrokerCredential(broker.url, api_key=world.soar_key) as credential, pytest.raises(
-        BrokerAuthenticationError
-    ) as consent:
+    with (
+        BrokerCredential(broker.url, api_key=world.soar_key) as credential,
+        pytest.raises(BrokerAuthenticationError) as consent,
+    ):
         credential.get_token(SCOPE, tenant_id=TENANT_UNCONSENTED)
     assert ("consent_required", 403) == (consent.value.error, consent.value.status_code)
     assert consent.value.error_description in str(consent.value)
@@ -268,9 +241,10 @@ def test_broker_errors_are_broker_authentication_errors(world: World, start_brok
     assert world.soar_key not in str(consent.value)
 
     wrong_key = "tbk_" + "0" * 43
-    with BrokerCredential(broker.url, api_key=wrong_key) as credential, pytest.raises(
-        BrokerAuthenticationError
-    ) as unknown:
+    with (
+        BrokerCredential(broker.url, api_key=wrong_key) as credential,
+        pytest.raises(BrokerAuthenticationError) as unknown,
+    ):
         credential.get_token(SCOPE, tenant_id=TENANT_A)
     assert ("invalid_client", 401) == (unknown.value.error, unknown.value.status_code)
     assert "invalid_client" in str(unknown.value)
@@ -289,7 +263,7 @@ async def test_async_failures_are_single_flighted_too(world: World, start_broker
     assert ["consent_required"] * 5 == [
         r.error if isinstance(r, BrokerAuthenticationError) else repr(r) for r in results
     ]
-    assert ["consent_required"] == [line["outcome"] for line in _audit(broker)]
+    assert ["consent_required"] == [line["outcome"] for line in broker.audit_lines()]
 
 
 def test_token_file_rotation_is_picked_up(world: World, start_broker: StartBroker, tmp_path: Path) -> None:
@@ -308,7 +282,7 @@ def test_token_file_rotation_is_picked_up(world: World, start_broker: StartBroke
         credential.get_token(SCOPE, tenant_id=TENANT_A)
     assert "access_denied" == denied.value.error
     assert [("soar", TENANT_B, "ok"), ("hunter", TENANT_C, "access_denied"), ("hunter", TENANT_A, "ok")] == [
-        (line["caller"], line["tenant"], line["outcome"]) for line in _audit(broker)
+        (line["caller"], line["tenant"], line["outcome"]) for line in broker.audit_lines()
     ]
 
 
@@ -339,7 +313,7 @@ def test_readme_flow_lists_defender_incidents_for_several_tenants(
     assert [(tid, 200) for tid in TENANTS.values()] * 2 + [(TENANT_NO_ROLE, 403), ("-", 401)] == (
         defender_api.served
     )
-    assert 5 == len(_audit(broker))  # three Defender tokens, the role-less tenant's, one MDE token
+    assert 5 == len(broker.audit_lines())  # three Defender tokens, the role-less tenant's, one MDE token
 
 
 async def test_readme_flow_async_lists_tenants_concurrently(
@@ -354,4 +328,4 @@ async def test_readme_flow_async_lists_tenants_concurrently(
         assert found == await list_incidents_async(credential, TENANTS, defender_api.url, **verify)
     assert {tenant: INCIDENTS[tid] for tenant, tid in TENANTS.items()} == found
     assert sorted([*TENANTS.values()] * 2) == sorted(tid for tid, _ in defender_api.served)
-    assert 3 == len(_audit(broker))
+    assert 3 == len(broker.audit_lines())

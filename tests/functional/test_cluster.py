@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import json
 import random
 import threading
 import time
@@ -81,16 +80,6 @@ def _epoch(stamp: str) -> float:
     return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC).timestamp()
 
 
-def _audit_lines(broker: BrokerProcess) -> list[dict[str, Any]]:
-    lines = []
-    for line in broker.log_text().splitlines():
-        if line.startswith("{"):
-            entry = json.loads(line)
-            if entry.get("logger") == "broker.audit":
-                lines.append(entry)
-    return lines
-
-
 async def test_refresh_ahead_under_steady_load(
     world: World, start_broker: StartBroker, redis_url: str
 ) -> None:
@@ -141,7 +130,7 @@ async def test_refresh_ahead_under_steady_load(
     steady_layers = Counter(
         line["cache_layer"]
         for broker in brokers
-        for line in _audit_lines(broker)
+        for line in broker.audit_lines()
         if line["outcome"] == "ok" and _epoch(line["time"]) > wall_started + warmup
     )
     assert {"l1", "redis"} >= set(steady_layers), steady_layers

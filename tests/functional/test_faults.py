@@ -3,8 +3,6 @@ the emulator throttling or failing, Key Vault down, a rejected credential, SIGTE
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,18 +22,9 @@ from tests.functional.conftest import (
     World,
     ask,
 )
-from tests.support import BrokerProcess, RedisServer
+from tests.support import BrokerProcess, RedisServer, run_cli
 
 StartBroker = Callable[..., BrokerProcess]
-
-
-def _metric(text: str, name: str) -> float:
-    """Sum of every sample of ``name`` (all label sets) in a Prometheus exposition."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and (line[len(name)] in " {"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def _ready(broker: BrokerProcess) -> requests.Response:
@@ -60,7 +49,7 @@ def test_redis_down_fails_open_and_recovers(
         ready = _ready(broker)
         assert 503 == ready.status_code
         assert "degraded" == ready.json()["checks"]["redis"]["status"]
-        assert _metric(broker.metrics_text(), "broker_redis_errors_total") >= 1
+        assert broker.metric("broker_redis_errors_total") >= 1
     finally:
         redis_server.start()
     deadline = time.monotonic() + 10
@@ -153,28 +142,11 @@ def test_permanent_failures_are_remembered_and_shared(
         assert 403 == response.status_code
         assert "consent_required" == response.json()["error"]
     assert 1 == world.emulator.token_requests(tenant=TENANT_UNCONSENTED, client_id=APP_ID)
-    assert _metric(second.metrics_text(), "broker_negative_cache_hits_total") >= 1
+    assert second.metric("broker_negative_cache_hits_total") >= 1
     world.emulator.grant(TENANT_UNCONSENTED, APP_ID, DEFENDER, ["Incident.Read.All"])
     path = tmp_path / "purge.yaml"
     path.write_text(yaml.safe_dump(config))
-    purge = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "broker.cli",
-            "cache",
-            "purge",
-            "--config",
-            str(path),
-            "--tenant",
-            TENANT_UNCONSENTED,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=first.env,
-    )
+    purge = run_cli("cache", "purge", "--config", str(path), "--tenant", TENANT_UNCONSENTED, env=first.env)
     assert 0 == purge.returncode, purge.stderr
     assert "removed 1" in purge.stdout
     for broker in (first, second):
@@ -201,7 +173,7 @@ def test_rejected_credential_is_flagged(world: World, start_broker: StartBroker)
     world.emulator.rotate_app_secret(APP_ID)  # Key Vault still holds the old, now dead, secret
     response = ask(broker, world.soar_key, {"tenant": TENANT_A, "resource": DEFENDER})
     assert 502 == response.status_code
-    assert 1 == _metric(broker.metrics_text(), "broker_credential_failures_total")
+    assert 1 == broker.metric("broker_credential_failures_total")
     ready = _ready(broker)
     assert 503 == ready.status_code
     assert {"defender": "AADSTS7000215"} == ready.json()["checks"]["credentials"]["rejected_by_entra"]

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from tests.functional.conftest import (
     World,
     ask,
 )
-from tests.support import BrokerProcess
+from tests.support import BrokerProcess, run_cli
 
 StartBroker = Callable[..., BrokerProcess]
 
@@ -59,23 +57,14 @@ def test_nothing_secret_leaks(
     path = tmp_path / "leak.yaml"
     path.write_text(yaml.safe_dump(config))
     world.emulator.rotate_app_secret(APP_ID, vault_secret="defender-app-secret")
-    probe = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "broker.cli",
-            "probe",
-            "--config",
-            str(path),
-            "--tenant",
-            TENANT_A,
-            "--resource",
-            DEFENDER,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    probe = run_cli(
+        "probe",
+        "--config",
+        str(path),
+        "--tenant",
+        TENANT_A,
+        "--resource",
+        DEFENDER,
         env={**world.env, "PATH": "/usr/bin:/bin"},
     )
     assert 0 == probe.returncode, probe.stderr

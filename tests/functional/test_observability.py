@@ -7,7 +7,6 @@ import hashlib
 import json
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,19 +15,9 @@ import requests
 import yaml
 
 from tests.functional.conftest import APP_ID, DEFENDER, TENANT_A, TENANT_UNCONSENTED, World, ask
-from tests.support import BrokerProcess
+from tests.support import BrokerProcess, run_cli
 
 StartBroker = Callable[..., BrokerProcess]
-
-
-def _samples(text: str) -> dict[str, float]:
-    """Every sample line of a Prometheus exposition, keyed by its name and labels as printed."""
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
 
 
 def test_metrics_after_a_scenario(world: World, start_broker: StartBroker) -> None:
@@ -39,7 +28,7 @@ def test_metrics_after_a_scenario(world: World, start_broker: StartBroker) -> No
     ask(broker, world.soar_key, {"tenant": TENANT_A, "resource": DEFENDER})
     ask(broker, "wrong-key", {"tenant": TENANT_A, "resource": DEFENDER})
     ask(broker, world.soar_key, {"tenant": TENANT_UNCONSENTED, "resource": DEFENDER})
-    samples = _samples(broker.metrics_text())
+    samples = broker.metric_samples()
     expected = {
         'broker_token_requests_total{caller="soar",outcome="ok"}': 2.0,
         'broker_token_requests_total{caller="-",outcome="invalid_client"}': 1.0,
@@ -59,10 +48,6 @@ def test_metrics_after_a_scenario(world: World, start_broker: StartBroker) -> No
     assert not any(TENANT_A in name for name in samples), "tenant ids must not be labels"
 
 
-def _log_lines(broker: BrokerProcess) -> list[dict[str, object]]:
-    return [json.loads(line) for line in broker.log_text().splitlines() if line.strip()]
-
-
 def test_logs_are_json_with_an_audit_line_per_request(world: World, start_broker: StartBroker) -> None:
     """Every log line is a JSON object; each token request has one audit line with its request id,
     caller, tenant, app, resource, outcome, cache layer, latency, fingerprint and uti."""
@@ -77,8 +62,8 @@ def test_logs_are_json_with_an_audit_line_per_request(world: World, start_broker
     denied = ask(broker, world.hunter_key, {"tenant": TENANT_UNCONSENTED, "resource": DEFENDER})
     assert "req-123" == first.headers["X-Request-ID"]
     assert re.fullmatch(r"[0-9a-f]{16}", second.headers["X-Request-ID"])
-    lines = _log_lines(broker)  # raises if any line is not JSON
-    audit = [line for line in lines if line["logger"] == "broker.audit"]
+    broker.log_lines()  # raises if any line is not JSON
+    audit = broker.audit_lines()
     assert ["req-123", second.headers["X-Request-ID"], denied.headers["X-Request-ID"]] == [
         line["request_id"] for line in audit
     ]
@@ -121,14 +106,7 @@ def _cli(world: World, tmp_path: Path, *args: str) -> subprocess.CompletedProces
     path = tmp_path / "cli.yaml"
     path.write_text(yaml.safe_dump(world.broker_config()))
     env = {**world.env, "PATH": "/usr/bin:/bin"}
-    return subprocess.run(
-        [sys.executable, "-m", "broker.cli", *args, "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
-    )
+    return run_cli(*args, "--config", str(path), env=env)
 
 
 def test_probe_shows_claims_but_not_the_token(world: World, tmp_path: Path) -> None:
@@ -167,24 +145,12 @@ def test_probe_fails_listing_missing_roles_and_entra_errors(world: World, tmp_pa
 
 def test_hash_key_prints_a_key_and_its_hash() -> None:
     """hash-key's hash is the SHA-256 of its key, in both output forms."""
-    result = subprocess.run(
-        [sys.executable, "-m", "broker.cli", "hash-key", "--export"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
+    result = run_cli("hash-key", "--export", check=True)
     values = dict(line.removeprefix("export ").split("=", 1) for line in result.stdout.splitlines())
     assert (
         hashlib.sha256(values["BROKER_CALLER_KEY"].encode()).hexdigest() == values["BROKER_CALLER_KEY_SHA256"]
     )
-    plain = subprocess.run(
-        [sys.executable, "-m", "broker.cli", "hash-key"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
+    plain = run_cli("hash-key", check=True)
     assert "api_key_sha256" in plain.stdout
 
 
@@ -198,13 +164,7 @@ def test_every_command_has_help() -> None:
         ["probe"],
         ["cache", "purge"],
     ):
-        result = subprocess.run(
-            [sys.executable, "-m", "broker.cli", *command, "--help"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+        result = run_cli(*command, "--help")
         assert 0 == result.returncode
         assert result.stdout.startswith("usage: token-broker " + " ".join(command))
 
@@ -221,13 +181,7 @@ def test_cache_purge_reaches_every_replica(
     assert 1 == len(old)
     path = tmp_path / "purge.yaml"
     path.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [sys.executable, "-m", "broker.cli", "cache", "purge", "--config", str(path), "--tenant", TENANT_A],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_cli("cache", "purge", "--config", str(path), "--tenant", TENANT_A)
     assert 0 == result.returncode, result.stderr
     assert "removed 1 shared cache entry" in result.stdout
     assert "2 replica(s)" in result.stdout

@@ -3,9 +3,7 @@ HTTP (discovery + JWKS), a broker process, real RS256 tokens, and a signing-key 
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +14,7 @@ from aiohttp import web
 
 from broker.client import BrokerCredential
 from tests.functional.conftest import DEFENDER, TENANT_A, World, ask
-from tests.support import BrokerProcess, free_port
+from tests.support import BrokerProcess, free_port, serve_in_thread
 from tests.test_callers import ACCOUNT, Issuer
 
 StartBroker = Callable[..., BrokerProcess]
@@ -29,9 +27,6 @@ def oidc_issuer(tmp_path: Path) -> Iterator[tuple[str, Issuer]]:
     base = f"http://127.0.0.1:{port}/issuer"
     issuer = Issuer(tmp_path / "jwks.json")
     issuer.add_key("k1")
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    runner_box: list[web.AppRunner] = []
 
     async def discovery(_r: web.Request) -> web.Response:
         return web.json_response({"issuer": base, "jwks_uri": f"{base}/keys"})
@@ -39,26 +34,11 @@ def oidc_issuer(tmp_path: Path) -> Iterator[tuple[str, Issuer]]:
     async def keys(_r: web.Request) -> web.Response:
         return web.json_response(json.loads(issuer.path.read_text()))
 
-    async def start() -> None:
-        app = web.Application()
-        app.router.add_get("/issuer/.well-known/openid-configuration", discovery)
-        app.router.add_get("/issuer/keys", keys)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        runner_box.append(runner)
-        ready.set()
-
-    thread = threading.Thread(
-        target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True
-    )
-    thread.start()
-    assert ready.wait(10)
-    yield base, issuer
-    asyncio.run_coroutine_threadsafe(runner_box[0].cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    app = web.Application()
+    app.router.add_get("/issuer/.well-known/openid-configuration", discovery)
+    app.router.add_get("/issuer/keys", keys)
+    with serve_in_thread(app, port):
+        yield base, issuer
 
 
 def test_service_account_caller_gets_a_token(
@@ -82,8 +62,7 @@ def test_service_account_caller_gets_a_token(
     wrong = ask(broker, _token(issuer, base, "k2", aud="other"), body)
     assert 401 == wrong.status_code
     assert "invalid_client" == wrong.json()["error"]
-    audit = [json.loads(line) for line in broker.log_text().splitlines() if '"broker.audit"' in line]
-    assert ["siem", "siem", "-"] == [line["caller"] for line in audit]
+    assert ["siem", "siem", "-"] == [line["caller"] for line in broker.audit_lines()]
 
 
 def _token(issuer: Issuer, base: str, kid: str, aud: str = "token-broker") -> str:

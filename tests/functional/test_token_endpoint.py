@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from tests.functional.conftest import (
     World,
     ask,
 )
-from tests.support import BrokerProcess
+from tests.support import BrokerProcess, run_cli
 
 StartBroker = Callable[..., BrokerProcess]
 
@@ -231,12 +229,6 @@ def test_rotated_secret_is_picked_up_without_restart(world: World, start_broker:
     assert 200 == response.status_code, response.text
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "broker.cli", *args], capture_output=True, text=True, timeout=60, check=False
-    )
-
-
 def test_config_errors_name_the_key_and_exit_2(world: World, tmp_path: Path) -> None:
     """check-config and serve both refuse a bad file with exit 2 and the key's path on stderr."""
     config = world.broker_config()
@@ -244,11 +236,11 @@ def test_config_errors_name_the_key_and_exit_2(world: World, tmp_path: Path) -> 
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config))
     for command in ("check-config", "serve"):
-        result = _cli(command, "--config", str(path))
+        result = run_cli(command, "--config", str(path))
         assert 2 == result.returncode
         assert "apps.defender.client_id" in result.stderr
     path.write_text(yaml.safe_dump(world.broker_config()))
-    result = _cli("check-config", "--config", str(path))
+    result = run_cli("check-config", "--config", str(path))
     assert 0 == result.returncode, result.stderr
 
 
@@ -257,7 +249,7 @@ def test_consent_url_command(world: World, tmp_path: Path, tenant: str) -> None:
     """consent-url prints the v2 admin-consent link for the tenant and the app's resource."""
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(world.broker_config()))
-    result = _cli("consent-url", "--config", str(path), "--tenant", tenant)
+    result = run_cli("consent-url", "--config", str(path), "--tenant", tenant)
     assert 0 == result.returncode, result.stderr
     assert (
         f"{world.emulator.base_url}/{tenant}/v2.0/adminconsent?client_id={APP_ID}"
