@@ -12,12 +12,14 @@ crashed holder blocks the key no longer than the lease.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import secrets
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from redis.exceptions import RedisError
 
@@ -41,16 +43,21 @@ REDIS_BACKOFF_SECONDS = 1.0
 PURGE_CHANNEL = f"{_PREFIX}:purge"
 
 
-def token_key_name(key: TokenKey) -> str:
-    return f"{_PREFIX}:tok:{key.app}:{key.tenant}:{key.resource}"
+T = TypeVar("T")
 
 
-def _lock_name(key: TokenKey) -> str:
-    return f"{_PREFIX}:lock:{key.app}:{key.tenant}:{key.resource}"
+class _Down(enum.Enum):
+    """What a guarded Redis call returns when Redis is not configured, backing off, or failed."""
+
+    DOWN = enum.auto()
 
 
-def _negative_name(key: TokenKey) -> str:
-    return f"{_PREFIX}:neg:{key.app}:{key.tenant}:{key.resource}"
+DOWN = _Down.DOWN
+
+
+def _name(kind: str, key: TokenKey) -> str:
+    """``tb:v1:{tok|lock|neg}:{app}:{tenant}:{resource}``: readable, so `cache purge` can SCAN it."""
+    return f"{_PREFIX}:{kind}:{key.app}:{key.tenant}:{key.resource}"
 
 
 class TokenCache:
@@ -105,38 +112,41 @@ class TokenCache:
             return None
         return self._redis
 
-    def _redis_failed(self, operation: str, exc: Exception) -> None:
-        self._metrics.redis_errors.inc()
-        self._redis_down_until = time.monotonic() + REDIS_BACKOFF_SECONDS
-        self.redis_last_error = f"{operation}: {type(exc).__name__}"
-        log.warning(
-            "redis unavailable, failing open", extra={"operation": operation, "reason": type(exc).__name__}
-        )
-
-    def _redis_ok(self) -> None:
+    async def _guarded(self, operation: str, call: Callable[[Redis], Awaitable[T]]) -> T | _Down:
+        """Run one Redis call under the fail-open rule: ``DOWN`` when Redis is unusable or the call
+        fails (then logged, counted, and Redis skipped for ``REDIS_BACKOFF_SECONDS``)."""
+        redis = self._redis_usable()
+        if redis is None:
+            return DOWN
+        try:
+            result = await call(redis)
+        except (RedisError, OSError) as exc:
+            self._metrics.redis_errors.inc()
+            self._redis_down_until = time.monotonic() + REDIS_BACKOFF_SECONDS
+            self.redis_last_error = f"{operation}: {type(exc).__name__}"
+            log.warning(
+                "redis unavailable, failing open",
+                extra={"operation": operation, "reason": type(exc).__name__},
+            )
+            return DOWN
         self.redis_last_error = None
+        return result
 
     async def get_shared(self, key: TokenKey) -> AccessToken | None:
         """The token Redis holds for ``key``, opened and checked; ``None`` on miss or error."""
-        redis = self._redis_usable()
-        if redis is None or self._sealer is None:
-            return None
-        name = token_key_name(key)
-        try:
-            blob = await redis.get(name)
-        except (RedisError, OSError) as exc:
+        if self._sealer is None or self._redis_usable() is None:
+            return None  # no Redis, or backing off after an error: not a lookup
+        sealer, name = self._sealer, _name("tok", key)
+        blob = await self._guarded("get", lambda redis: redis.get(name))
+        if blob is DOWN:
             self._metrics.cache_lookups.labels(layer="redis", result="error").inc()
-            self._redis_failed("get", exc)
             return None
-        self._redis_ok()
         if blob is None:
             self._metrics.cache_lookups.labels(layer="redis", result="miss").inc()
             return None
         try:
-            record = json.loads(
-                self._sealer.open(blob if isinstance(blob, bytes) else blob.encode(), name.encode())
-            )
-            token = AccessToken.from_record(record)
+            raw = blob if isinstance(blob, bytes) else str(blob).encode()
+            token = AccessToken.from_record(json.loads(sealer.open(raw, name.encode())))
         except (SealError, ValueError, KeyError, TypeError):
             # Wrong key (a misconfigured replica) or a tampered value: treat as a miss, loudly.
             self._metrics.cache_lookups.labels(layer="redis", result="error").inc()
@@ -146,61 +156,36 @@ class TokenCache:
         return token
 
     async def put_shared(self, key: TokenKey, token: AccessToken) -> None:
-        redis = self._redis_usable()
         ttl_ms = int(token.remaining_seconds() * 1000)
-        if redis is None or self._sealer is None or ttl_ms <= 0:
+        if self._sealer is None or ttl_ms <= 0:
             return
-        name = token_key_name(key)
+        name = _name("tok", key)
         sealed = self._sealer.seal(json.dumps(token.to_record()).encode(), name.encode())
-        try:
-            await redis.set(name, sealed, px=ttl_ms)
-        except (RedisError, OSError) as exc:
-            self._redis_failed("set", exc)
-        else:
-            self._redis_ok()
+        await self._guarded("set", lambda redis: redis.set(name, sealed, px=ttl_ms))
 
     async def try_lease(self, key: TokenKey, lease_seconds: float) -> str | None:
         """Take the key's lease; the fencing value on success, ``""`` when Redis is unusable
         (fail open: acquire directly), ``None`` when another replica holds it."""
-        redis = self._redis_usable()
-        if redis is None:
-            return ""
         fence = secrets.token_hex(16)
-        try:
-            taken = await redis.set(_lock_name(key), fence, nx=True, px=int(lease_seconds * 1000))
-        except (RedisError, OSError) as exc:
-            self._redis_failed("lease", exc)
+        taken = await self._guarded(
+            "lease", lambda redis: redis.set(_name("lock", key), fence, nx=True, px=int(lease_seconds * 1000))
+        )
+        if taken is DOWN:
             return ""
         return fence if taken else None
 
     async def release_lease(self, key: TokenKey, fence: str) -> None:
-        redis = self._redis_usable()
-        if redis is None or not fence:
-            return
-        try:
-            await redis.eval(_RELEASE, 1, _lock_name(key), fence)
-        except (RedisError, OSError) as exc:
-            self._redis_failed("release", exc)
+        if fence:
+            await self._guarded("release", lambda redis: redis.eval(_RELEASE, 1, _name("lock", key), fence))
 
     async def put_negative(self, key: TokenKey, body: dict[str, Any], ttl_seconds: float) -> None:
-        redis = self._redis_usable()
-        if redis is None or ttl_seconds <= 0:
-            return
-        try:
-            await redis.set(_negative_name(key), json.dumps(body), px=int(ttl_seconds * 1000))
-        except (RedisError, OSError) as exc:
-            self._redis_failed("negative", exc)
+        if ttl_seconds > 0:
+            value, ttl_ms = json.dumps(body), int(ttl_seconds * 1000)
+            await self._guarded("negative", lambda redis: redis.set(_name("neg", key), value, px=ttl_ms))
 
     async def get_negative(self, key: TokenKey) -> dict[str, Any] | None:
-        redis = self._redis_usable()
-        if redis is None:
-            return None
-        try:
-            raw = await redis.get(_negative_name(key))
-        except (RedisError, OSError) as exc:
-            self._redis_failed("negative", exc)
-            return None
-        if raw is None:
+        raw = await self._guarded("negative", lambda redis: redis.get(_name("neg", key)))
+        if raw is DOWN or raw is None:
             return None
         try:
             body = json.loads(raw)
@@ -210,37 +195,23 @@ class TokenCache:
 
     async def set_throttle(self, app: str, tenant: str, seconds: float) -> None:
         """Tell every replica that Entra asked this (app, tenant) to hold off for ``seconds``."""
-        redis = self._redis_usable()
-        if redis is None or seconds <= 0:
-            return
-        try:
-            await redis.set(f"{_PREFIX}:throttle:{app}:{tenant}", b"1", px=int(seconds * 1000))
-        except (RedisError, OSError) as exc:
-            self._redis_failed("throttle", exc)
+        if seconds > 0:
+            name, ttl_ms = f"{_PREFIX}:throttle:{app}:{tenant}", int(seconds * 1000)
+            await self._guarded("throttle", lambda redis: redis.set(name, b"1", px=ttl_ms))
 
     async def throttled_for(self, app: str, tenant: str) -> float:
         """Seconds left of a throttle another replica (or this one) recorded; 0 when none."""
-        redis = self._redis_usable()
-        if redis is None:
-            return 0.0
-        try:
-            remaining_ms = await redis.pttl(f"{_PREFIX}:throttle:{app}:{tenant}")
-        except (RedisError, OSError) as exc:
-            self._redis_failed("throttle", exc)
-            return 0.0
-        return max(0.0, remaining_ms / 1000)
+        remaining_ms = await self._guarded(
+            "throttle", lambda redis: redis.pttl(f"{_PREFIX}:throttle:{app}:{tenant}")
+        )
+        return 0.0 if remaining_ms is DOWN else max(0.0, remaining_ms / 1000)
 
     async def ping(self) -> bool:
+        """Whether Redis answers (``True`` without Redis); ends any back-off, for /readyz."""
         if self._redis is None:
             return True
-        try:
-            await self._redis.ping()
-        except (RedisError, OSError) as exc:
-            self._redis_failed("ping", exc)
-            return False
         self._redis_down_until = 0.0
-        self._redis_ok()
-        return True
+        return await self._guarded("ping", lambda redis: redis.ping()) is not DOWN
 
     def purge_local(self, tenant: str) -> int:
         """Forget this process's tokens for ``tenant`` (on a purge broadcast)."""

@@ -108,14 +108,25 @@ def classify(failure: EntraFailure, *, tenant: str, consent_link: str) -> Broker
         or (failure.http_status is not None and (failure.http_status == 429 or failure.http_status >= 500))
     )
     if transient:
-        cls = ThrottledError if failure.http_status == 429 else TemporarilyUnavailableError
-        return cls(
-            "Entra ID is throttling or unavailable; retry later",
-            retry_after=failure.retry_after or DEFAULT_RETRY_AFTER_SECONDS,
-            hinted=failure.retry_after is not None,
-            aadsts=aadsts,
-        )
+        return _unavailable(failure.http_status, failure.retry_after, aadsts=aadsts)
     return UpstreamError(f"Entra ID answered {failure.error or 'an unexpected response'}", aadsts=aadsts)
+
+
+def _unavailable(
+    status: int | None,
+    retry_after: int | None,
+    description: str = "Entra ID is throttling or unavailable; retry later",
+    **context: Any,
+) -> TemporarilyUnavailableError:
+    """A transient failure: a 429 is a ``ThrottledError`` (its Retry-After is shared by replicas);
+    ``hinted`` when Entra itself said how long to wait."""
+    cls = ThrottledError if status == 429 else TemporarilyUnavailableError
+    return cls(
+        description,
+        retry_after=retry_after or DEFAULT_RETRY_AFTER_SECONDS,
+        hinted=retry_after is not None,
+        **context,
+    )
 
 
 def _failure_from_result(result: dict[str, Any]) -> EntraFailure:
@@ -156,14 +167,23 @@ class _RecordingSession(requests.Session):
         self.trust_env = False
         self.verify = verify
         self._timeout_seconds = timeout_seconds
-        self.last = threading.local()
+        # Per thread: each executor thread runs one MSAL call at a time.
+        self._last = threading.local()
 
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self._timeout_seconds)
         response = super().request(method, url, *args, **kwargs)
-        self.last.status = response.status_code
-        self.last.retry_after = response.headers.get("Retry-After")
+        self._last.answer = (response.status_code, _parse_retry_after(response.headers.get("Retry-After")))
         return response
+
+    def forget_last(self) -> None:
+        """Start a new call: an answer seen by an earlier call on this thread must not be reported."""
+        self._last.answer = (None, None)
+
+    def last_answer(self) -> tuple[int | None, int | None]:
+        """HTTP status and Retry-After seconds of this thread's last response in the current call."""
+        answer: tuple[int | None, int | None] = getattr(self._last, "answer", (None, None))
+        return answer
 
 
 def _parse_retry_after(value: str | None) -> int | None:
@@ -275,6 +295,7 @@ class EntraClient:
     def _acquire_sync(
         self, app: str, tenant: str, resource: str, credential: AppCredential
     ) -> tuple[dict[str, Any], int | None, int | None]:
+        self._session.forget_last()
         client = self._client_sync(app, tenant, resource, credential)
         try:
             result = client.acquire_token_for_client(scopes=[f"{resource}/.default"])
@@ -282,19 +303,11 @@ class EntraClient:
             raise self._transport_error(exc) from None
         except (msal.exceptions.MsalServiceError, ValueError) as exc:
             # MSAL raises for 5xx and for a 429 with a non-JSON body (FIELD-NOTES #5).
-            status = getattr(self._session.last, "status", None)
+            status, retry_after = self._session.last_answer()
             if status is not None and status < 429:
                 raise UpstreamError("Entra ID answered something unexpected") from exc
-            retry_after = _parse_retry_after(getattr(self._session.last, "retry_after", None))
-            cls = ThrottledError if status == 429 else TemporarilyUnavailableError
-            raise cls(
-                "Entra ID is throttling or unavailable; retry later",
-                retry_after=retry_after or DEFAULT_RETRY_AFTER_SECONDS,
-                hinted=retry_after is not None,
-            ) from exc
-        status = getattr(self._session.last, "status", None)
-        retry_after = _parse_retry_after(getattr(self._session.last, "retry_after", None))
-        return result, status, retry_after
+            raise _unavailable(status, retry_after) from exc
+        return (result, *self._session.last_answer())
 
     def _client_sync(
         self, app: str, tenant: str, resource: str, credential: AppCredential
@@ -358,12 +371,7 @@ class EntraClient:
             status = exc.response.status_code
             retry_after = _parse_retry_after(exc.response.headers.get("Retry-After"))
             if status == 429 or status >= 500:
-                cls = ThrottledError if status == 429 else TemporarilyUnavailableError
-                return cls(
-                    f"Entra ID answered HTTP {status}; retry later",
-                    retry_after=retry_after or DEFAULT_RETRY_AFTER_SECONDS,
-                    hinted=retry_after is not None,
-                )
+                return _unavailable(status, retry_after, f"Entra ID answered HTTP {status}; retry later")
             return UpstreamError(f"Entra ID answered HTTP {status}")
         return TemporarilyUnavailableError(
             f"cannot reach Entra ID ({type(exc).__name__})", retry_after=DEFAULT_RETRY_AFTER_SECONDS

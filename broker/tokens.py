@@ -27,10 +27,6 @@ class TokenKey:
     tenant: str  # as requested, lower-cased: GUID or domain
     resource: str
 
-    @property
-    def cache_id(self) -> str:
-        return f"{self.app}|{self.tenant}|{self.resource}"
-
 
 @dataclass(frozen=True, slots=True)
 class TokenRequest:
