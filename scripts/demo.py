@@ -130,11 +130,7 @@ def main() -> int:
             f"   same token: {second['access_token'] == first['access_token']}; "
             f"Entra token requests so far: {emulator.token_requests(client_id=DEFENDER_CLIENT_ID)}"
         )
-        audit = [
-            json.loads(line)
-            for line in replicas[1].log_text().splitlines()
-            if '"logger":"broker.audit"' in line
-        ]
+        audit = replicas[1].audit_lines()
         print(
             f"   replica-2 audit line: cache_layer={audit[-1]['cache_layer']}, "
             f"latency_ms={audit[-1]['latency_ms']}"
