@@ -167,8 +167,11 @@ def test_killed_lease_holder_is_taken_over_within_the_lease(
     thread = threading.Thread(target=doomed, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
-    while not asyncio.run(_lock_exists(redis_url)):
-        assert time.monotonic() < deadline, "the holder never took the lease"
+    # Kill only once the holder has the lease *and* its token request is inside the emulator (the
+    # slow-answer fault has fired): killed earlier, during MSAL's discovery, the survivor would draw
+    # the slow answer itself.
+    while not (asyncio.run(_lock_exists(redis_url)) and not world.emulator.faults()):
+        assert time.monotonic() < deadline, "the holder never reached Entra with the lease held"
         time.sleep(0.05)
     holder.stop(sig=9)
     killed_at = time.monotonic()
