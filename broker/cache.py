@@ -1,47 +1,72 @@
-"""The token cache: L1 in process, then Redis shared by every replica; plus the cross-replica lease.
+"""Everything the broker keeps: L1 in process, Redis shared by every replica, and the lease.
 
-Redis holds only AES-GCM ciphertext bound to its key name (``crypto.py``); its TTL follows the token's
-real expiry. Decided failure mode: Redis fails *open*. A Redis error is logged, counted
-(``broker_redis_errors_total``) and the request carries on from L1 or by acquiring directly; after an
-error Redis is skipped for a short back-off so requests do not each pay the timeout while it is down.
+This is the only module that imports ``redis``: the client factory (``connect_redis``), every key
+name (``_Names``), the token cache, the lease, remembered failures, throttles, the purge broadcast
+and its listener all live here, so Cluster, Sentinel, TLS or Entra authentication change one place.
 
-The lease (``SET NX PX`` with a random fencing value, deleted only by its holder through a
-compare-and-delete script) makes one replica acquire a key while the others poll for its result; a
-crashed holder blocks the key no longer than the lease.
+Redis is semi-trusted: everything read back from it is authenticated or bounded. Tokens and
+remembered failures are AES-GCM ciphertext bound to their key name (``crypto.py``); a throttle's TTL
+is clamped; a lease without a TTL is replaced. Decided failure mode: Redis fails *open*. A connection
+error is logged, counted (``broker_redis_errors_total``) and the request carries on from L1 or by
+acquiring directly; after one Redis is skipped for a short back-off so requests do not each pay the
+timeout while it is down. A bad value under one key (wrong type, does not open) is that key's miss,
+never an outage.
+
+Key names share one hash tag per (app, tenant) so a key's token, lease, failure and throttle land in
+one Redis Cluster slot: ``tb:v1:{kind}:{app|tenant}[:resource]``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from redis.exceptions import RedisError
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
 
-from broker.crypto import SealError
+from broker.errors import BrokerError, SealError, SharedCacheError, error_from_body, remembered_body
 from broker.tokens import AccessToken, TokenKey
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
+    from broker.config import CacheOptions, RedisOptions
     from broker.crypto import Sealer
     from broker.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 _PREFIX = "tb:v1"
+PURGE_CHANNEL = f"{_PREFIX}:purge"
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
+# SET NX, except that a lease some bug or intruder left without a TTL would block its key forever:
+# such a value is replaced (a lease always expires).
+_TAKE = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('pttl', KEYS[1]) == -1 then
+  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
 REDIS_BACKOFF_SECONDS = 1.0
-PURGE_CHANNEL = f"{_PREFIX}:purge"
-
+# A throttle read back from Redis is honoured for at most this long (Entra's Retry-After is seconds
+# to minutes; a value of years is an intruder's or a bug's).
+MAX_THROTTLE_SECONDS = 300.0
+# Remembered failures and sealed tokens are small; anything larger under our keys is not ours.
+MAX_VALUE_BYTES = 64 * 1024
 
 T = TypeVar("T")
 
@@ -55,24 +80,88 @@ class _Down(enum.Enum):
 DOWN = _Down.DOWN
 
 
-def _name(kind: str, key: TokenKey) -> str:
-    """``tb:v1:{tok|lock|neg}:{app}:{tenant}:{resource}``: readable, so `cache purge` can SCAN it."""
-    return f"{_PREFIX}:{kind}:{key.app}:{key.tenant}:{key.resource}"
+class Lease(enum.Enum):
+    """The outcome of asking for a key's acquisition lease."""
+
+    ACQUIRED = "acquired"  # this replica holds it: acquire, store, and it is released on exit
+    UNAVAILABLE = "unavailable"  # Redis is down or not configured: acquire directly (fail open)
+    HELD = "held"  # another replica is acquiring: wait for its token to land in Redis
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What the cache knows about a key, from one Redis round-trip."""
+
+    token: AccessToken | None = None
+    failure: BrokerError | None = None  # a remembered permanent failure
+    throttled_seconds: float = 0.0  # Entra asked this (app, tenant) to hold off this long
+
+
+class _Names:
+    """Every Redis key name the broker uses."""
+
+    @staticmethod
+    def slot(app: str, tenant: str) -> str:
+        return f"{{{app}|{tenant}}}"
+
+    @classmethod
+    def token(cls, key: TokenKey) -> str:
+        return f"{_PREFIX}:tok:{cls.slot(key.app, key.tenant)}:{key.resource}"
+
+    @classmethod
+    def lease(cls, key: TokenKey) -> str:
+        return f"{_PREFIX}:lock:{cls.slot(key.app, key.tenant)}:{key.resource}"
+
+    @classmethod
+    def failure(cls, key: TokenKey) -> str:
+        return f"{_PREFIX}:neg:{cls.slot(key.app, key.tenant)}:{key.resource}"
+
+    @classmethod
+    def throttle(cls, key: TokenKey) -> str:
+        return f"{_PREFIX}:throttle:{cls.slot(key.app, key.tenant)}"
+
+    @staticmethod
+    def tenant_patterns(tenant: str) -> list[str]:
+        """SCAN patterns matching every entry of a tenant, whatever its kind, app or resource."""
+        return [f"{_PREFIX}:{kind}:{{*|{tenant}}}*" for kind in ("tok", "lock", "neg", "throttle")]
+
+
+def connect_redis(options: RedisOptions, *, read_timeout: bool = True) -> Redis:
+    """The one place Redis clients are built (cache, purge listener, CLI).
+
+    A connection the server dropped (idle timeout, failover) fails its first command unless the
+    client retries: one retry on connection errors, quickly, never on timeouts (a frozen server must
+    cost one timeout, not two). ``read_timeout=False`` for a subscriber, which waits by design.
+    """
+    return Redis.from_url(
+        options.url,
+        socket_timeout=options.timeout_seconds if read_timeout else None,
+        socket_connect_timeout=options.timeout_seconds,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1, supported_errors=(RedisConnectionError,)),
+    )
 
 
 class TokenCache:
-    """L1 (bounded LRU of decrypted tokens) in front of an optional shared Redis."""
+    """L1 (bounded LRU of decrypted tokens) in front of an optional shared Redis.
+
+    Also remembers, per key, permanent failures and Entra's throttling: in Redis for every replica,
+    and in process (bounded) for when Redis is not there.
+    """
 
     def __init__(
-        self, metrics: Metrics, *, redis: Redis | None, sealer: Sealer | None, l1_max_tokens: int
+        self, metrics: Metrics, options: CacheOptions, *, redis: Redis | None, sealer: Sealer | None
     ) -> None:
         if (redis is None) != (sealer is None):
             raise ValueError("Redis needs a sealer and a sealer needs Redis")
         self._metrics = metrics
+        self._options = options
         self._redis = redis
         self._sealer = sealer
         self._l1: OrderedDict[TokenKey, AccessToken] = OrderedDict()
-        self._l1_max = l1_max_tokens
+        # key -> (monotonic end, body): only the body-sized fields, never an exception object.
+        self._failures: OrderedDict[TokenKey, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._throttles: OrderedDict[tuple[str, str], float] = OrderedDict()  # (app, tenant) -> end
         self._redis_down_until = 0.0
         self.redis_last_error: str | None = None
 
@@ -84,6 +173,10 @@ class TokenCache:
     def shared_available(self) -> bool:
         """Redis is configured and not in its post-error back-off."""
         return self._redis_usable() is not None
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
 
     # --- L1 ---------------------------------------------------------------------------------
 
@@ -101,25 +194,170 @@ class TokenCache:
             return  # never replace a token with one that dies sooner
         self._l1[key] = token
         self._l1.move_to_end(key)
-        while len(self._l1) > self._l1_max:
+        while len(self._l1) > self._options.l1_max_tokens:
             self._l1.popitem(last=False)
         self._metrics.cached_tokens.set(len(self._l1))
 
-    # --- Redis ------------------------------------------------------------------------------
+    # --- the operations the service uses ----------------------------------------------------
+
+    async def lookup(self, key: TokenKey) -> Lookup:
+        """The shared token, remembered failure and throttle of ``key`` in one round-trip.
+
+        Without Redis (or while backing off) only this process's memory answers. With Redis, Redis
+        alone says whether a failure is remembered: it is what every replica shares and what a purge
+        clears, so a purge after consent is granted takes effect everywhere at once.
+        """
+        local_throttle = self._throttled_locally(key)
+        if self._sealer is None or self._redis_usable() is None:
+            return Lookup(failure=self._remembered_locally(key), throttled_seconds=local_throttle)
+        names = (_Names.token(key), _Names.failure(key), _Names.throttle(key))
+
+        async def pipeline(redis: Redis) -> list[Any]:
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.get(names[0])
+                pipe.get(names[1])
+                pipe.pttl(names[2])
+                return list(await pipe.execute(raise_on_error=False))
+
+        results = await self._guarded("lookup", pipeline)
+        if results is DOWN:
+            self._metrics.cache_lookups.labels(layer="redis", result="error").inc()
+            return Lookup(failure=self._remembered_locally(key), throttled_seconds=local_throttle)
+        if any(isinstance(result, Exception) for result in results):
+            self._metrics.redis_errors.inc()  # a wrong-type key, say: that key's miss, not an outage
+        blob, failure_blob, throttle_ms = results
+        token = self._open_token(names[0], blob)
+        failure = self._open_failure(names[1], failure_blob)
+        shared_throttle = 0.0
+        if isinstance(throttle_ms, int) and throttle_ms > 0:
+            shared_throttle = min(throttle_ms / 1000, MAX_THROTTLE_SECONDS)
+        return Lookup(token, failure, max(local_throttle, shared_throttle))
+
+    @contextlib.asynccontextmanager
+    async def lease(self, key: TokenKey, lease_seconds: float) -> AsyncIterator[Lease]:
+        """Hold ``key``'s acquisition lease for the block (released on exit, whatever happens)."""
+        name, fence = _Names.lease(key), secrets.token_hex(16)
+        taken = await self._guarded(
+            "lease", lambda redis: redis.eval(_TAKE, 1, name, fence, int(lease_seconds * 1000))
+        )
+        if taken is DOWN:
+            yield Lease.UNAVAILABLE
+            return
+        if not taken:
+            yield Lease.HELD
+            return
+        try:
+            yield Lease.ACQUIRED
+        finally:
+            # Always attempted, even while backing off: a holder that got its token must not leave
+            # other replicas' callers waiting for the whole lease.
+            await self._guarded(
+                "release", lambda redis: redis.eval(_RELEASE, 1, name, fence), even_backing_off=True
+            )
+
+    async def store(self, key: TokenKey, token: AccessToken) -> None:
+        """Keep a fresh token in L1 and in Redis (TTL = its real remaining lifetime)."""
+        self.put_local(key, token)
+        ttl_ms = int(token.remaining_seconds() * 1000)
+        if self._sealer is None or ttl_ms <= 0:
+            return
+        name = _Names.token(key)
+        sealed = self._sealer.seal(json.dumps(token.to_record()).encode(), name.encode())
+        await self._guarded("set", lambda redis: redis.set(name, sealed, px=ttl_ms), even_backing_off=True)
+
+    async def remember(self, key: TokenKey, error: BrokerError, ttl_seconds: float) -> None:
+        """Remember a permanent failure of ``key`` for ``ttl_seconds``, here and for every replica."""
+        if ttl_seconds <= 0:
+            return
+        body = remembered_body(error)
+        self._failures[key] = (time.monotonic() + ttl_seconds, body)
+        self._failures.move_to_end(key)
+        while len(self._failures) > self._options.local_max_entries:
+            self._failures.popitem(last=False)
+        if self._sealer is None:
+            return
+        name, ttl_ms = _Names.failure(key), int(ttl_seconds * 1000)
+        sealed = self._sealer.seal(json.dumps(body).encode(), name.encode())
+        await self._guarded("remember", lambda redis: redis.set(name, sealed, px=ttl_ms))
+
+    async def throttle(self, key: TokenKey, seconds: float) -> None:
+        """Tell every replica that Entra asked this (app, tenant) to hold off for ``seconds``."""
+        if seconds <= 0:
+            return
+        app_tenant = (key.app, key.tenant)
+        self._throttles[app_tenant] = time.monotonic() + seconds
+        self._throttles.move_to_end(app_tenant)
+        while len(self._throttles) > self._options.local_max_entries:
+            self._throttles.popitem(last=False)
+        if self._redis is not None:
+            name, ttl_ms = _Names.throttle(key), int(seconds * 1000)
+            await self._guarded("throttle", lambda redis: redis.set(name, b"1", px=ttl_ms))
+
+    def purge_local(self, tenant: str) -> int:
+        """Forget this process's tokens, failures and throttles for ``tenant``; tokens dropped."""
+        tenant = tenant.lower()
+        keys = [k for k in self._l1 if k.tenant == tenant]
+        for key in keys:
+            del self._l1[key]
+        for failed in [k for k in self._failures if k.tenant == tenant]:
+            del self._failures[failed]
+        for app_tenant in [t for t in self._throttles if t[1] == tenant]:
+            del self._throttles[app_tenant]
+        self._metrics.cached_tokens.set(len(self._l1))
+        return len(keys)
+
+    async def ping(self) -> bool:
+        """Whether Redis answers (``True`` without Redis); ends any back-off, for /readyz."""
+        if self._redis is None:
+            return True
+        self._redis_down_until = 0.0
+        return await self._guarded("ping", lambda redis: redis.ping()) is not DOWN
+
+    async def listen_for_purges(self) -> None:
+        """Apply every purge broadcast (any replica, the CLI) to this process; runs until cancelled.
+
+        Losing Redis ends the call with a warning (the supervisor restarts it with backoff); any
+        other failure propagates to the supervisor, which logs and counts it.
+        """
+        if self._redis is None:
+            return
+        try:
+            async with self._redis.pubsub() as pubsub:
+                await pubsub.subscribe(PURGE_CHANNEL)
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    tenant = bytes(message["data"])[:256].decode(errors="replace")
+                    dropped = self.purge_local(tenant)
+                    log.info("purge broadcast received", extra={"tenant": tenant, "dropped": dropped})
+        except (RedisError, OSError) as exc:
+            log.warning("purge listener lost Redis; restarting", extra={"reason": type(exc).__name__})
+
+    # --- internals --------------------------------------------------------------------------
 
     def _redis_usable(self) -> Redis | None:
         if self._redis is None or time.monotonic() < self._redis_down_until:
             return None
         return self._redis
 
-    async def _guarded(self, operation: str, call: Callable[[Redis], Awaitable[T]]) -> T | _Down:
+    async def _guarded(
+        self, operation: str, call: Callable[[Redis], Awaitable[T]], *, even_backing_off: bool = False
+    ) -> T | _Down:
         """Run one Redis call under the fail-open rule: ``DOWN`` when Redis is unusable or the call
-        fails (then logged, counted, and Redis skipped for ``REDIS_BACKOFF_SECONDS``)."""
-        redis = self._redis_usable()
+        fails. A connection-level failure is logged, counted, and makes Redis skipped for
+        ``REDIS_BACKOFF_SECONDS``; a command error (a wrong-type key, say) concerns that key only."""
+        redis = self._redis if even_backing_off else self._redis_usable()
         if redis is None:
             return DOWN
         try:
             result = await call(redis)
+        except ResponseError as exc:
+            self._metrics.redis_errors.inc()
+            log.warning(
+                "redis refused a command", extra={"operation": operation, "reason": type(exc).__name__}
+            )
+            return DOWN
         except (RedisError, OSError) as exc:
             self._metrics.redis_errors.inc()
             self._redis_down_until = time.monotonic() + REDIS_BACKOFF_SECONDS
@@ -132,106 +370,74 @@ class TokenCache:
         self.redis_last_error = None
         return result
 
-    async def get_shared(self, key: TokenKey) -> AccessToken | None:
-        """The token Redis holds for ``key``, opened and checked; ``None`` on miss or error."""
-        if self._sealer is None or self._redis_usable() is None:
-            return None  # no Redis, or backing off after an error: not a lookup
-        sealer, name = self._sealer, _name("tok", key)
-        blob = await self._guarded("get", lambda redis: redis.get(name))
-        if blob is DOWN:
-            self._metrics.cache_lookups.labels(layer="redis", result="error").inc()
+    def _open(self, name: str, blob: Any) -> dict[str, Any] | None:
+        """A sealed JSON object read from ``name``; ``None`` (counted, logged) when it is not one."""
+        if self._sealer is None or not isinstance(blob, bytes) or len(blob) > MAX_VALUE_BYTES:
             return None
+        try:
+            record = json.loads(self._sealer.open(blob, name.encode()))
+        except (SealError, ValueError):
+            record = None
+        if not isinstance(record, dict):
+            # Wrong key (a misconfigured replica) or a tampered value: ignore it, loudly.
+            log.warning("redis entry does not open; ignoring it", extra={"cache_key": name})
+            return None
+        return record
+
+    def _open_token(self, name: str, blob: Any) -> AccessToken | None:
         if blob is None:
             self._metrics.cache_lookups.labels(layer="redis", result="miss").inc()
             return None
+        record = self._open(name, blob)
         try:
-            raw = blob if isinstance(blob, bytes) else str(blob).encode()
-            token = AccessToken.from_record(json.loads(sealer.open(raw, name.encode())))
-        except (SealError, ValueError, KeyError, TypeError):
-            # Wrong key (a misconfigured replica) or a tampered value: treat as a miss, loudly.
-            self._metrics.cache_lookups.labels(layer="redis", result="error").inc()
-            log.warning("redis entry does not open; ignoring it", extra={"cache_key": name})
-            return None
-        self._metrics.cache_lookups.labels(layer="redis", result="hit").inc()
+            token = AccessToken.from_record(record) if record is not None else None
+        except (ValueError, KeyError, TypeError):
+            token = None
+        self._metrics.cache_lookups.labels(layer="redis", result="hit" if token else "error").inc()
         return token
 
-    async def put_shared(self, key: TokenKey, token: AccessToken) -> None:
-        ttl_ms = int(token.remaining_seconds() * 1000)
-        if self._sealer is None or ttl_ms <= 0:
-            return
-        name = _name("tok", key)
-        sealed = self._sealer.seal(json.dumps(token.to_record()).encode(), name.encode())
-        await self._guarded("set", lambda redis: redis.set(name, sealed, px=ttl_ms))
-
-    async def try_lease(self, key: TokenKey, lease_seconds: float) -> str | None:
-        """Take the key's lease; the fencing value on success, ``""`` when Redis is unusable
-        (fail open: acquire directly), ``None`` when another replica holds it."""
-        fence = secrets.token_hex(16)
-        taken = await self._guarded(
-            "lease", lambda redis: redis.set(_name("lock", key), fence, nx=True, px=int(lease_seconds * 1000))
-        )
-        if taken is DOWN:
-            return ""
-        return fence if taken else None
-
-    async def release_lease(self, key: TokenKey, fence: str) -> None:
-        if fence:
-            await self._guarded("release", lambda redis: redis.eval(_RELEASE, 1, _name("lock", key), fence))
-
-    async def put_negative(self, key: TokenKey, body: dict[str, Any], ttl_seconds: float) -> None:
-        if ttl_seconds > 0:
-            value, ttl_ms = json.dumps(body), int(ttl_seconds * 1000)
-            await self._guarded("negative", lambda redis: redis.set(_name("neg", key), value, px=ttl_ms))
-
-    async def get_negative(self, key: TokenKey) -> dict[str, Any] | None:
-        raw = await self._guarded("negative", lambda redis: redis.get(_name("neg", key)))
-        if raw is DOWN or raw is None:
+    def _open_failure(self, name: str, blob: Any) -> BrokerError | None:
+        if blob is None:
             return None
-        try:
-            body = json.loads(raw)
-        except ValueError:
+        record = self._open(name, blob)
+        return error_from_body(record) if record is not None else None
+
+    def _remembered_locally(self, key: TokenKey) -> BrokerError | None:
+        entry = self._failures.get(key)
+        if entry is None:
             return None
-        return body if isinstance(body, dict) else None
+        until, body = entry
+        if time.monotonic() >= until:
+            del self._failures[key]
+            return None
+        return error_from_body(body)
 
-    async def set_throttle(self, app: str, tenant: str, seconds: float) -> None:
-        """Tell every replica that Entra asked this (app, tenant) to hold off for ``seconds``."""
-        if seconds > 0:
-            name, ttl_ms = f"{_PREFIX}:throttle:{app}:{tenant}", int(seconds * 1000)
-            await self._guarded("throttle", lambda redis: redis.set(name, b"1", px=ttl_ms))
-
-    async def throttled_for(self, app: str, tenant: str) -> float:
-        """Seconds left of a throttle another replica (or this one) recorded; 0 when none."""
-        remaining_ms = await self._guarded(
-            "throttle", lambda redis: redis.pttl(f"{_PREFIX}:throttle:{app}:{tenant}")
-        )
-        return 0.0 if remaining_ms is DOWN else max(0.0, remaining_ms / 1000)
-
-    async def ping(self) -> bool:
-        """Whether Redis answers (``True`` without Redis); ends any back-off, for /readyz."""
-        if self._redis is None:
-            return True
-        self._redis_down_until = 0.0
-        return await self._guarded("ping", lambda redis: redis.ping()) is not DOWN
-
-    def purge_local(self, tenant: str) -> int:
-        """Forget this process's tokens for ``tenant`` (on a purge broadcast)."""
-        keys = [k for k in self._l1 if k.tenant == tenant.lower()]
-        for key in keys:
-            del self._l1[key]
-        self._metrics.cached_tokens.set(len(self._l1))
-        return len(keys)
+    def _throttled_locally(self, key: TokenKey) -> float:
+        app_tenant = (key.app, key.tenant)
+        until = self._throttles.get(app_tenant)
+        if until is None:
+            return 0.0
+        remaining = until - time.monotonic()
+        if remaining <= 0:
+            del self._throttles[app_tenant]
+            return 0.0
+        return remaining
 
 
-async def purge_shared(redis: Redis, tenant: str) -> tuple[int, int]:
-    """Delete a tenant's tokens, remembered failures and throttle from Redis, then tell every
-    replica to drop its L1 copies. Returns (entries removed, replicas notified)."""
+async def purge_tenant(options: RedisOptions, tenant: str) -> tuple[int, int]:
+    """Delete every entry of ``tenant`` from Redis (tokens, leases, failures, throttles), then tell
+    every replica to drop its in-process copies. Returns (entries removed, replicas notified)."""
     tenant = tenant.lower()
-    names: list[Any] = []
-    for kind in ("tok", "neg"):
-        async for name in redis.scan_iter(match=f"{_PREFIX}:{kind}:*:{tenant}:*"):
-            names.append(name)
-    async for name in redis.scan_iter(match=f"{_PREFIX}:throttle:*:{tenant}"):
-        names.append(name)
-    removed = int(await redis.delete(*names)) if names else 0
-    notified = int(await redis.publish(PURGE_CHANNEL, tenant))
+    redis = connect_redis(options)
+    try:
+        names: list[Any] = []
+        for pattern in _Names.tenant_patterns(tenant):
+            names.extend([name async for name in redis.scan_iter(match=pattern, count=1000)])
+        removed = int(await redis.delete(*names)) if names else 0
+        notified = int(await redis.publish(PURGE_CHANNEL, tenant))
+    except (RedisError, OSError) as exc:
+        # The class name only: redis-py's messages can quote the URL (and its password).
+        raise SharedCacheError(type(exc).__name__) from None
+    finally:
+        await redis.aclose()
     return removed, notified

@@ -14,8 +14,6 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from broker import __version__
 from broker.callers import new_api_key
 from broker.config import Settings, is_tenant, load_settings, normalise_resource
@@ -55,7 +53,7 @@ def _pick_app(settings: Settings, name: str | None) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from broker.http import serve
+    from broker.app import serve
     from broker.logs import configure_logging
 
     settings = _settings(args)
@@ -115,14 +113,15 @@ async def _probe(settings: Settings, app: str, tenant: str, resource: str) -> An
     from broker.entra import EntraClient
     from broker.metrics import Metrics
     from broker.tls import build_ca_bundle
+    from broker.tokens import TokenKey
     from broker.vault import CredentialStore
 
     metrics = Metrics()
     ca_bundle = build_ca_bundle(settings.outbound_ca_file)
     async with CredentialStore(settings, metrics, ca_bundle) as credentials:
-        entra = EntraClient(settings, metrics, credentials, ca_bundle)
+        entra = EntraClient(settings.entra_options(), metrics, credentials, ca_bundle)
         try:
-            return await entra.acquire(app, tenant, resource)
+            return await entra.acquire(TokenKey(app, tenant.lower(), resource))
         finally:
             entra.close()
 
@@ -161,28 +160,20 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _purge(settings: Settings, tenant: str) -> tuple[int, int]:
-    from redis.asyncio import Redis
-
-    from broker.cache import purge_shared
-
-    if not settings.redis_url:
-        raise ConfigError("redis_url is not configured: there is no shared cache to purge")
-    redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
-    try:
-        return await purge_shared(redis, tenant)
-    finally:
-        await redis.aclose()
-
-
 def cmd_cache_purge(args: argparse.Namespace) -> int:
+    from broker.cache import purge_tenant
+    from broker.errors import SharedCacheError
+
     settings = _settings(args)
     if not is_tenant(args.tenant):
         raise ConfigError("--tenant must be a tenant GUID or domain")
+    options = settings.redis_options()
+    if options is None:
+        raise ConfigError("redis_url is not configured: there is no shared cache to purge")
     try:
-        removed, notified = _run(_purge(settings, args.tenant))
-    except (OSError, RedisError) as exc:
-        print(f"token-broker: cannot reach Redis: {type(exc).__name__}", file=sys.stderr)
+        removed, notified = _run(purge_tenant(options, args.tenant))
+    except SharedCacheError as exc:
+        print(f"token-broker: cannot reach Redis: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(
         f"removed {removed} shared cache entr{'y' if removed == 1 else 'ies'} for {args.tenant}; "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -273,6 +274,35 @@ class Settings(_Frozen):
             raise ValueError("service_account_auth: required by callers with service_account")
         return self
 
+    # --- what each component needs, derived once (one owner per derived value) -------------------
+
+    def flight_options(self) -> FlightOptions:
+        return FlightOptions(
+            # The lease must outlive the holder's whole acquisition, retries included.
+            lease_seconds=self.lease_seconds
+            or self.upstream_retry_seconds + self.upstream_timeout_seconds * 2 + 5,
+            upstream_retry_seconds=self.upstream_retry_seconds,
+            upstream_timeout_seconds=self.upstream_timeout_seconds,
+            negative_cache_seconds=self.negative_cache_seconds,
+        )
+
+    def cache_options(self) -> CacheOptions:
+        return CacheOptions(l1_max_tokens=self.l1_max_tokens, local_max_entries=self.l1_max_tokens)
+
+    def redis_options(self) -> RedisOptions | None:
+        if not self.redis_url:
+            return None
+        return RedisOptions(url=self.redis_url, timeout_seconds=self.redis_timeout_seconds)
+
+    def entra_options(self) -> EntraOptions:
+        return EntraOptions(
+            authority_host=self.authority_host,
+            apps=dict(self.apps),
+            max_workers=self.msal_max_workers,
+            clients_max=self.msal_clients_max,
+            timeout_seconds=self.upstream_timeout_seconds,
+        )
+
     def app_for(self, name: str | None) -> tuple[str, AppSettings] | None:
         """The named app, or the only app when no name is given and exactly one is configured."""
         if name is None:
@@ -281,6 +311,45 @@ class Settings(_Frozen):
             return None
         app = self.apps.get(name)
         return (name, app) if app is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class FlightOptions:
+    """``service.TokenBroker``: how long one acquisition may take and what is remembered."""
+
+    lease_seconds: float
+    upstream_retry_seconds: float
+    upstream_timeout_seconds: float
+    negative_cache_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class CacheOptions:
+    """``cache.TokenCache``: bounds of the in-process layers."""
+
+    l1_max_tokens: int
+    # Remembered failures and throttles kept in process (bounded: one caller's random tenants must
+    # not grow a replica's memory).
+    local_max_entries: int
+
+
+@dataclass(frozen=True, slots=True)
+class RedisOptions:
+    """``cache.connect_redis``: the one place Redis clients are built from."""
+
+    url: str = field(repr=False)  # may hold a password
+    timeout_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class EntraOptions:
+    """``entra.EntraClient``: the authority, the apps, and MSAL's executor bounds."""
+
+    authority_host: str
+    apps: dict[str, AppSettings]
+    max_workers: int
+    clients_max: int
+    timeout_seconds: float
 
 
 def _format_validation_error(exc: ValidationError) -> str:

@@ -14,13 +14,11 @@ import os
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from broker.errors import CredentialLoadError, SealError
+
 _VERSION = b"\x01"
 _NONCE_BYTES = 12
 KEY_BYTES = 32
-
-
-class SealError(Exception):
-    """A sealed value could not be opened (wrong key, tampered, or bound to another cache key)."""
 
 
 def parse_key(text: str) -> bytes:
@@ -28,9 +26,9 @@ def parse_key(text: str) -> bytes:
     try:
         key = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError("cache_encryption_key: not valid base64") from None
+        raise CredentialLoadError("cache_encryption_key: not valid base64") from None
     if len(key) != KEY_BYTES:
-        raise ValueError(f"cache_encryption_key: must decode to {KEY_BYTES} bytes, not {len(key)}")
+        raise CredentialLoadError(f"cache_encryption_key: must decode to {KEY_BYTES} bytes, not {len(key)}")
     return key
 
 

@@ -37,10 +37,10 @@ from broker.errors import (
     UnknownTenantError,
     UpstreamError,
 )
-from broker.tokens import AccessToken
+from broker.tokens import AccessToken, TokenKey
 
 if TYPE_CHECKING:
-    from broker.config import Settings
+    from broker.config import EntraOptions
     from broker.metrics import Metrics
     from broker.vault import AppCredential, CredentialStore
 
@@ -199,16 +199,14 @@ class EntraClient:
     """Acquires app tokens per (app, tenant, resource); translates every MSAL outcome."""
 
     def __init__(
-        self, settings: Settings, metrics: Metrics, credentials: CredentialStore, ca_bundle: str | None
+        self, options: EntraOptions, metrics: Metrics, credentials: CredentialStore, ca_bundle: str | None
     ) -> None:
-        self._settings = settings
+        self._options = options
         self._metrics = metrics
         self._credentials = credentials
-        self._executor = ThreadPoolExecutor(max_workers=settings.msal_max_workers, thread_name_prefix="msal")
-        self._session = _RecordingSession(ca_bundle or True, settings.upstream_timeout_seconds)
-        adapter = requests.adapters.HTTPAdapter(
-            pool_connections=4, pool_maxsize=settings.msal_max_workers * 2
-        )
+        self._executor = ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="msal")
+        self._session = _RecordingSession(ca_bundle or True, options.timeout_seconds)
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=options.max_workers * 2)
         self._session.mount("https://", adapter)
         self._clients: OrderedDict[tuple[str, str], tuple[str, msal.ConfidentialClientApplication]] = (
             OrderedDict()
@@ -219,13 +217,14 @@ class EntraClient:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._session.close()
 
-    def consent_url(self, app: str, tenant: str, resource: str) -> str:
+    def consent_url(self, key: TokenKey) -> str:
         return consent_url(
-            self._settings.authority_host, tenant, self._settings.apps[app].client_id, resource
+            self._options.authority_host, key.tenant, self._options.apps[key.app].client_id, key.resource
         )
 
-    async def acquire(self, app: str, tenant: str, resource: str) -> AccessToken:
+    async def acquire(self, key: TokenKey) -> AccessToken:
         """One Entra token request; on a rejected credential, reload it once and retry."""
+        app, tenant, resource = key.app, key.tenant, key.resource
         credential = await self._credentials.app_credential(app)
         try:
             token = await self._acquire_with(app, tenant, resource, credential)
@@ -237,7 +236,7 @@ class EntraClient:
                 token = await self._acquire_with(app, tenant, resource, fresh)
             except CredentialRejectedError as exc:
                 self._metrics.credential_failures.labels(app=app).inc()
-                self._credentials.mark_rejected(app, str(exc.context.get("aadsts", "")))
+                self._credentials.mark_rejected(app, exc.aadsts or "")
                 raise
         self._credentials.mark_accepted(app)
         return token
@@ -251,7 +250,7 @@ class EntraClient:
         try:
             result, status, retry_after = await asyncio.wait_for(
                 loop.run_in_executor(self._executor, call),
-                timeout=self._settings.upstream_timeout_seconds * 2,
+                timeout=self._options.timeout_seconds * 2,
             )
         except BrokerError as exc:
             self._record(app, started, exc)
@@ -268,7 +267,9 @@ class EntraClient:
         failure = _failure_from_result(result)
         if status == 429 or (status is not None and status >= 500):
             failure = EntraFailure(failure.error, failure.code, status, retry_after)
-        error = classify(failure, tenant=tenant, consent_link=self.consent_url(app, tenant, resource))
+        error = classify(
+            failure, tenant=tenant, consent_link=self.consent_url(TokenKey(app, tenant, resource))
+        )
         self._record(app, started, error)
         log.info(
             "entra refused a token",
@@ -286,7 +287,7 @@ class EntraClient:
 
     def _record(self, app: str, started: float, error: BrokerError | None) -> None:
         outcome = "ok" if error is None else error.error
-        aadsts = str(error.context.get("aadsts", "")) if error is not None else ""
+        aadsts = (error.aadsts or "") if error is not None else ""
         self._metrics.upstream_requests.labels(app=app, outcome=outcome, aadsts=aadsts).inc()
         self._metrics.upstream_request_seconds.labels(outcome=outcome).observe(time.monotonic() - started)
 
@@ -322,14 +323,14 @@ class EntraClient:
         with self._clients_lock:
             self._clients[key] = (credential.fingerprint, client)
             self._clients.move_to_end(key)
-            while len(self._clients) > self._settings.msal_clients_max:
+            while len(self._clients) > self._options.clients_max:
                 self._clients.popitem(last=False)
         return client
 
     def _build_client(
         self, app: str, tenant: str, resource: str, credential: AppCredential
     ) -> msal.ConfidentialClientApplication:
-        settings = self._settings.apps[app]
+        settings = self._options.apps[app]
         client_credential: Any
         if credential.is_certificate:
             client_credential = {
@@ -342,7 +343,7 @@ class EntraClient:
             return msal.ConfidentialClientApplication(
                 settings.client_id,
                 client_credential=client_credential,
-                authority=f"{self._settings.authority_host}/{tenant}",
+                authority=f"{self._options.authority_host}/{tenant}",
                 # Instance discovery asks login.microsoftonline.com about the host; the authority is
                 # configured explicitly (sovereign clouds, the emulator), so skip it.
                 instance_discovery=False,
@@ -362,7 +363,7 @@ class EntraClient:
             code = _code_in(inner)
             failure = EntraFailure(_error_in(inner), code, status)
             raise classify(
-                failure, tenant=tenant, consent_link=self.consent_url(app, tenant, resource)
+                failure, tenant=tenant, consent_link=self.consent_url(TokenKey(app, tenant, resource))
             ) from None
 
     @staticmethod

@@ -1,46 +1,36 @@
-"""The HTTP surface: ``POST /v1/token``, health endpoints, the metrics app, and the composition root.
+"""The HTTP surface: ``POST /v1/token``, health endpoints and the OpenAPI document.
 
-``create_app(settings)`` builds every long-lived client in the app's ``cleanup_ctx`` (nothing at import
-time) and one middleware renders every ``BrokerError`` as the contract's JSON body. Anything else is a
-generic 500 whose body carries only the request id; the traceback goes to the log.
+Handlers parse and validate, call the service, and render. They find their components under typed
+``web.AppKey``s that the composition root (``app.py``) fills. One middleware renders every
+``BrokerError`` as the contract's JSON body; anything else is a generic 500 whose body carries only
+the request id, with the traceback in the log.
 """
 
 from __future__ import annotations
 
-import asyncio
-import importlib.resources
 import json
 import logging
 import re
 import secrets
-import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from broker.cache import PURGE_CHANNEL, TokenCache
+from broker.cache import TokenCache
 from broker.callers import CallerRegistry
 from broker.config import Settings, is_tenant, normalise_resource
-from broker.crypto import Sealer, parse_key
-from broker.entra import EntraClient
 from broker.errors import (
     BrokerError,
     InvalidRequestError,
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
-    UpstreamError,
 )
 from broker.logs import AuditLog, request_id_var
 from broker.metrics import Metrics
-from broker.oidc import JwksFetcher
 from broker.service import Issued, TokenBroker
-from broker.tls import build_ca_bundle
 from broker.tokens import DEFAULT_MIN_TTL_SECONDS, MAX_MIN_TTL_SECONDS, TokenRequest
 from broker.vault import CredentialStore
 
@@ -53,6 +43,7 @@ CALLERS = web.AppKey("callers", CallerRegistry)
 CACHE = web.AppKey("cache", TokenCache)
 CREDENTIALS = web.AppKey("credentials", CredentialStore)
 AUDIT = web.AppKey("audit", AuditLog)
+OPENAPI = web.AppKey("openapi", bytes)
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _FIELDS = frozenset({"tenant", "resource", "scope", "app", "roles", "min_ttl"})
@@ -274,165 +265,15 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
-# --- composition root ---------------------------------------------------------------------------
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
-def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
-    """The API application; every client it needs is built in its cleanup context."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
-    app[SETTINGS] = settings
-    app[METRICS] = metrics or Metrics()
-    app[AUDIT] = AuditLog()
-    app.cleanup_ctx.append(_components)
+def create_api(max_body_bytes: int) -> web.Application:
+    """The API application with its routes; ``app.create_app`` fills its components."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
     app.router.add_post("/v1/token", token_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    openapi = importlib.resources.files("broker").joinpath("openapi.json").read_bytes()
-
-    async def openapi_handler(_request: web.Request) -> web.Response:
-        return web.Response(body=openapi, content_type="application/json")
-
-    app.router.add_get("/openapi.json", openapi_handler)
+    app.router.add_get("/openapi.json", openapi_document)
     return app
-
-
-async def _components(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    metrics = app[METRICS]
-    ca_bundle = build_ca_bundle(settings.outbound_ca_file)
-    jwks = JwksFetcher(settings.service_account_auth, ca_bundle) if settings.service_account_auth else None
-    app[CALLERS] = CallerRegistry(settings, jwks)
-    async with CredentialStore(settings, metrics, ca_bundle) as credentials:
-        app[CREDENTIALS] = credentials
-        try:
-            await credentials.load_all()
-        except UpstreamError as exc:
-            # Start anyway: /readyz reports it and requests answer 502 until a reload succeeds.
-            log.error("credentials not loaded at start", extra={"reason": exc.description})  # noqa: TRY400 - no traceback: it could quote a secret source
-        redis, sealer = await _shared_cache(settings, credentials)
-        cache = TokenCache(metrics, redis=redis, sealer=sealer, l1_max_tokens=settings.l1_max_tokens)
-        app[CACHE] = cache
-        entra = EntraClient(settings, metrics, credentials, ca_bundle)
-        broker = TokenBroker(settings, metrics, cache, entra)
-        app[BROKER] = broker
-        background = [asyncio.create_task(_refresh_credentials(credentials, settings))]
-        if settings.redis_url:
-            background.append(asyncio.create_task(_listen_for_purges(settings, cache, broker)))
-        try:
-            yield
-        finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            if jwks is not None:
-                await jwks.close()
-            await broker.close()
-            entra.close()
-            if redis is not None:
-                await redis.aclose()
-
-
-async def _shared_cache(
-    settings: Settings, credentials: CredentialStore
-) -> tuple[Redis | None, Sealer | None]:
-    if not settings.redis_url:
-        log.warning("no redis_url: tokens are cached in this process only (not shared by replicas)")
-        return None, None
-    key_text = await credentials.cache_key_text()
-    if key_text is None:
-        raise UpstreamError("cache_encryption_key is not loaded")
-    sealer = Sealer(parse_key(key_text))
-    redis = Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_seconds,
-        socket_connect_timeout=settings.redis_timeout_seconds,
-        health_check_interval=30,
-    )
-    return redis, sealer
-
-
-async def _refresh_credentials(credentials: CredentialStore, settings: Settings) -> None:
-    """Re-read every credential periodically, so a rotation is picked up without a restart."""
-    while True:
-        await asyncio.sleep(settings.credential_refresh_seconds)
-        try:
-            await credentials.load_all(force=True)
-        except UpstreamError as exc:
-            log.warning("periodic credential reload failed", extra={"reason": exc.description})
-        except Exception:
-            log.exception("periodic credential reload crashed")
-
-
-async def _listen_for_purges(settings: Settings, cache: TokenCache, broker: TokenBroker) -> None:
-    """Drop a tenant's L1 tokens when `token-broker cache purge` broadcasts it (any replica)."""
-    assert settings.redis_url is not None  # noqa: S101 - only started with Redis configured
-    # Its own connection without a read timeout: a subscriber waits for messages by design.
-    redis = Redis.from_url(
-        settings.redis_url, socket_connect_timeout=settings.redis_timeout_seconds, health_check_interval=30
-    )
-    try:
-        while True:
-            try:
-                async with redis.pubsub() as pubsub:
-                    await pubsub.subscribe(PURGE_CHANNEL)
-                    while True:
-                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
-                        if message is not None and message.get("type") == "message":
-                            tenant = message["data"].decode(errors="replace")
-                            dropped = cache.purge_local(tenant)
-                            broker.forget(tenant)
-                            log.info("purge broadcast received", extra={"tenant": tenant, "dropped": dropped})
-            except (RedisError, OSError) as exc:
-                log.warning("purge listener lost Redis; retrying", extra={"reason": type(exc).__name__})
-                await asyncio.sleep(1.0)
-    finally:
-        await redis.aclose()
-
-
-def create_metrics_app(metrics: Metrics) -> web.Application:
-    async def metrics_handler(_request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics_handler)
-    return app
-
-
-async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) -> None:
-    """Run the API and metrics listeners until SIGTERM/SIGINT, then drain in-flight requests."""
-    metrics = Metrics()
-    api = web.AppRunner(
-        create_app(settings, metrics),
-        shutdown_timeout=settings.drain_seconds,
-        access_log=None,
-        handle_signals=False,
-    )
-    side = web.AppRunner(create_metrics_app(metrics), access_log=None, handle_signals=False)
-    await api.setup()
-    await side.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await web.TCPSite(api, settings.listen.host, settings.listen.port, backlog=1024).start()
-        await web.TCPSite(side, settings.metrics.host, settings.metrics.port).start()
-        log.info(
-            "token-broker listening",
-            extra={
-                "host": settings.listen.host,
-                "port": settings.listen.port,
-                "metrics_port": settings.metrics.port,
-            },
-        )
-        if ready is not None:
-            ready()
-        await stop.wait()
-        log.info(
-            "shutting down: draining in-flight requests", extra={"drain_seconds": settings.drain_seconds}
-        )
-    finally:
-        await api.cleanup()
-        await side.cleanup()

@@ -101,6 +101,12 @@ class Metrics:
             ["app"],
             registry=r,
         )
+        self.background_task_failures = Counter(
+            "broker_background_task_failures",
+            "Background tasks (credential refresh, purge listener) that died and were restarted.",
+            ["task"],
+            registry=r,
+        )
         self.build_info = Info("broker_build", "token-broker build information.", registry=r)
         self.build_info.info({"version": __version__})
         self._children: dict[tuple[object, tuple[str, ...]], object] = {}

@@ -6,10 +6,10 @@ request is
     policy check ──▶ L1 hit? ──▶ return (and start a background refresh if the token is due)
                        │ miss
                        ▼
-    per-process single-flight ──▶ remembered failure? ──▶ Redis hit? ──▶ lease ──▶ Entra
-                                                                         │ held by another replica
-                                                                         └──▶ poll Redis until the
-                                                                              holder's token lands
+    per-process single-flight ──▶ lookup: remembered failure? Redis hit? ──▶ lease ──▶ Entra
+                                  (one Redis round-trip)                     │ held by another replica
+                                                                             └──▶ poll the lookup until
+                                                                                  the holder's token lands
 
 so N callers on M replicas cost Entra one request per (app, tenant, resource) per token lifetime.
 """
@@ -24,23 +24,24 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from broker.cache import Lease
 from broker.errors import (
     PERMANENT_TENANT_ERRORS,
     AccessDeniedError,
     BrokerError,
+    ConsentRequiredError,
     InsufficientConsentError,
     InvalidRequestError,
     TemporarilyUnavailableError,
     ThrottledError,
     UpstreamError,
-    error_from_body,
 )
 from broker.tokens import AccessToken, TokenKey, TokenRequest, schedule_refresh
 
 if TYPE_CHECKING:
     from broker.cache import TokenCache
     from broker.callers import Caller
-    from broker.config import Settings
+    from broker.config import AppSettings, FlightOptions
     from broker.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,9 @@ BACKOFF_CAP_SECONDS = 4.0
 class TokenSource(Protocol):
     """Where fresh tokens come from (``entra.EntraClient`` in production)."""
 
-    async def acquire(self, app: str, tenant: str, resource: str) -> AccessToken: ...
+    async def acquire(self, key: TokenKey) -> AccessToken: ...
 
-    def consent_url(self, app: str, tenant: str, resource: str) -> str: ...
+    def consent_url(self, key: TokenKey) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,16 @@ class Issued:
 
     token: AccessToken
     app: str
-    layer: str  # l1 | redis | entra
+    layer: str  # l1 | redis | entra | singleflight
+
+
+@dataclass(frozen=True, slots=True)
+class _Flight:
+    """What one flight for a key produced: a token and its layer, or nothing when it was a
+    background refresh that found another replica refreshing (callers that joined it start their own)."""
+
+    token: AccessToken | None
+    layer: str
 
 
 class TokenBroker:
@@ -76,23 +86,19 @@ class TokenBroker:
 
     def __init__(
         self,
-        settings: Settings,
+        apps: dict[str, AppSettings],
+        options: FlightOptions,
         metrics: Metrics,
         cache: TokenCache,
         source: TokenSource,
     ) -> None:
-        self._settings = settings
+        self._apps = apps
+        self._options = options
         self._metrics = metrics
         self._cache = cache
         self._source = source
-        # The lease must outlive the holder's whole acquisition, retries included.
-        self._lease_seconds = settings.lease_seconds or (
-            settings.upstream_retry_seconds + settings.upstream_timeout_seconds * 2 + 5
-        )
-        self._inflight: dict[TokenKey, asyncio.Task[tuple[AccessToken, str]]] = {}
-        self._negative: dict[TokenKey, tuple[float, BrokerError]] = {}
+        self._inflight: dict[TokenKey, asyncio.Task[_Flight]] = {}
         self._refreshing: dict[TokenKey, float] = {}  # key -> monotonic time of the last attempt
-        self._throttles: dict[tuple[str, str], float] = {}  # (app, tenant) -> monotonic end
         self._background: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
@@ -105,14 +111,17 @@ class TokenBroker:
 
     def resolve(self, caller: Caller, request: TokenRequest) -> TokenKey:
         """Apply policy and return the cache key; raises 400/403 errors."""
-        found = self._settings.app_for(request.app)
-        if found is None:
-            if request.app is None:
+        if request.app is None:
+            if len(self._apps) != 1:
                 raise InvalidRequestError(
-                    "several apps are configured: name one in 'app'", apps=sorted(self._settings.apps)
+                    "several apps are configured: name one in 'app'", apps=sorted(self._apps)
                 )
+            app_name = next(iter(self._apps))
+        elif request.app in self._apps:
+            app_name = request.app
+        else:
             raise InvalidRequestError(f"unknown app {request.app!r}")
-        app_name, app = found
+        app = self._apps[app_name]
         caller.check(tenant=request.tenant, app=app_name)
         if request.resource not in app.resources:
             raise AccessDeniedError(
@@ -137,7 +146,7 @@ class TokenBroker:
             raise InsufficientConsentError(
                 f"the token for tenant {request.tenant} lacks roles {', '.join(missing)}",
                 missing_roles=missing,
-                consent_url=self._source.consent_url(key.app, request.tenant, key.resource),
+                consent_url=self._source.consent_url(key),
             )
         return Issued(token, key.app, layer)
 
@@ -150,24 +159,21 @@ class TokenBroker:
                 task = self._start_flight(key, min_ttl)
             else:
                 self._metrics.singleflight_coalesced.inc()
-            try:
-                # shield: a caller that disconnects must not cancel the acquisition others wait on.
-                token, layer = await asyncio.shield(task)
-            except _LeaseHeldError:
+            # shield: a caller that disconnects must not cancel the acquisition others wait on.
+            flight = await asyncio.shield(task)
+            if flight.token is None:
                 continue  # we joined a background refresh that stood down; start our own flight
-            if token.valid_for(min_ttl):
-                return token, "singleflight" if joined else layer
+            if flight.token.valid_for(min_ttl):
+                return flight.token, "singleflight" if joined else flight.layer
         raise UpstreamError(
             f"Entra ID issued a token that lives less than the requested min_ttl ({int(min_ttl)} s)"
         )
 
-    def _start_flight(
-        self, key: TokenKey, min_ttl: float, *, refresh: bool = False
-    ) -> asyncio.Task[tuple[AccessToken, str]]:
+    def _start_flight(self, key: TokenKey, min_ttl: float, *, refresh: bool = False) -> asyncio.Task[_Flight]:
         task = asyncio.create_task(self._flight(key, min_ttl, refresh=refresh))
         self._inflight[key] = task
 
-        def done(finished: asyncio.Task[tuple[AccessToken, str]]) -> None:
+        def done(finished: asyncio.Task[_Flight]) -> None:
             if self._inflight.get(key) is finished:
                 del self._inflight[key]
             if not finished.cancelled():
@@ -176,57 +182,56 @@ class TokenBroker:
         task.add_done_callback(done)
         return task
 
-    async def _flight(
-        self, key: TokenKey, min_ttl: float, *, refresh: bool = False
-    ) -> tuple[AccessToken, str]:
+    async def _flight(self, key: TokenKey, min_ttl: float, *, refresh: bool = False) -> _Flight:
         """One acquisition for ``key``: remembered failure, Redis, or the lease and Entra."""
-        self._raise_if_remembered_locally(key)
-        deadline = time.monotonic() + self._lease_seconds + self._settings.upstream_timeout_seconds
+        deadline = time.monotonic() + self._options.lease_seconds + self._options.upstream_timeout_seconds
         delay = POLL_FIRST_SECONDS
-
-        async def shared_usable() -> AccessToken | None:
-            candidate = await self._cache.get_shared(key)
-            if candidate is None or not candidate.valid_for(min_ttl):
-                return None
-            # A refresh wants a token that is not itself due; a miss takes any valid one.
-            if refresh and candidate.refresh_on <= time.time():
-                return None
-            self._cache.put_local(key, candidate)
-            return candidate
-
         while True:
-            remembered = await self._cache.get_negative(key)
-            if remembered is not None:
-                self._metrics.negative_cache_hits.inc()
-                raise error_from_body(remembered)
-            shared = await shared_usable()
-            if shared is not None:
-                return shared, "redis"
-            fence = await self._cache.try_lease(key, self._lease_seconds)
-            if fence is not None:
-                try:
+            found = await self._cache.lookup(key)
+            self._raise_if_failed(key, found.failure)
+            if self._usable(key, found.token, min_ttl, refresh=refresh):
+                return _Flight(found.token, "redis")
+            async with self._cache.lease(key, self._options.lease_seconds) as lease:
+                if lease is Lease.ACQUIRED:
                     # The holder before us may have stored its token just as we took the lease.
-                    shared = await shared_usable() if fence else None
-                    if shared is not None:
-                        return shared, "redis"
-                    token = await self._acquire(key)
-                finally:
-                    await self._cache.release_lease(key, fence)
-                return token, "entra"
-            if refresh or time.monotonic() >= deadline:
-                if refresh:
-                    raise _LeaseHeldError("another replica holds the refresh lease")
+                    found = await self._cache.lookup(key)
+                    self._raise_if_failed(key, found.failure)
+                    if self._usable(key, found.token, min_ttl, refresh=refresh):
+                        return _Flight(found.token, "redis")
+                if lease is not Lease.HELD:
+                    return _Flight(await self._acquire(key, found.throttled_seconds), "entra")
+            if refresh:
+                return _Flight(None, "other_replica")
+            if time.monotonic() >= deadline:
                 raise TemporarilyUnavailableError(
                     "another replica is still acquiring this token", retry_after=1
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 2, POLL_MAX_SECONDS)
 
-    async def _acquire(self, key: TokenKey) -> AccessToken:
-        fresh = await self._acquire_with_retries(key)
-        token = schedule_refresh(fresh, now=time.time(), jitter_unit=random.random())  # noqa: S311 - jitter, not security
+    def _usable(self, key: TokenKey, token: AccessToken | None, min_ttl: float, *, refresh: bool) -> bool:
+        """A shared token serves when it is valid for ``min_ttl`` (it is then kept in L1); a refresh
+        wants one that is not itself due."""
+        if token is None or not token.valid_for(min_ttl):
+            return False
+        if refresh and token.refresh_on <= time.time():
+            return False
         self._cache.put_local(key, token)
-        await self._cache.put_shared(key, token)
+        return True
+
+    def _raise_if_failed(self, key: TokenKey, failure: BrokerError | None) -> None:
+        if failure is None:
+            return
+        self._metrics.negative_cache_hits.inc()
+        if isinstance(failure, ConsentRequiredError):
+            # Never replayed from storage: the link is rebuilt from the configuration.
+            failure.consent_url = self._source.consent_url(key)
+        raise failure
+
+    async def _acquire(self, key: TokenKey, throttled_seconds: float) -> AccessToken:
+        fresh = await self._acquire_with_retries(key, throttled_seconds)
+        token = schedule_refresh(fresh, now=time.time(), jitter_unit=random.random())  # noqa: S311 - jitter, not security
+        await self._cache.store(key, token)
         log.info(
             "token acquired",
             extra={
@@ -240,92 +245,46 @@ class TokenBroker:
         )
         return token
 
-    async def _acquire_with_retries(self, key: TokenKey) -> AccessToken:
+    async def _acquire_with_retries(self, key: TokenKey, throttled_seconds: float) -> AccessToken:
         """Entra, retried on transient failures with backoff inside ``upstream_retry_seconds``.
 
         A 429's Retry-After is honoured and shared through Redis, so other replicas hold off this
         (app, tenant) too instead of each being throttled in turn.
         """
-        deadline = time.monotonic() + self._settings.upstream_retry_seconds
+        deadline = time.monotonic() + self._options.upstream_retry_seconds
+        wait = throttled_seconds
+        last_error: TemporarilyUnavailableError | None = None
         for attempt in range(MAX_UPSTREAM_ATTEMPTS):
-            throttled = max(
-                self._throttled_locally(key), await self._cache.throttled_for(key.app, key.tenant)
-            )
-            if throttled > 0:
-                if time.monotonic() + throttled > deadline:
-                    raise TemporarilyUnavailableError(
-                        "Entra ID is throttling this tenant; retry later", retry_after=math.ceil(throttled)
+            if wait > 0:
+                if time.monotonic() + wait > deadline:
+                    raise last_error or TemporarilyUnavailableError(
+                        "Entra ID is throttling this tenant; retry later", retry_after=math.ceil(wait)
                     )
-                await asyncio.sleep(throttled)
+                if attempt:
+                    log.info(
+                        "entra transient failure, retrying",
+                        extra={
+                            "app": key.app,
+                            "tenant": key.tenant,
+                            "attempt": attempt,
+                            "wait_seconds": round(wait, 3),
+                        },
+                    )
+                await asyncio.sleep(wait)
             try:
-                return await self._source.acquire(key.app, key.tenant, key.resource)
+                return await self._source.acquire(key)
             except PERMANENT_TENANT_ERRORS as exc:
-                await self._remember(key, exc)
+                await self._cache.remember(key, exc, self._options.negative_cache_seconds)
                 raise
             except TemporarilyUnavailableError as exc:
-                retry_after = float(exc.context["retry_after"])
+                last_error = exc
                 if isinstance(exc, ThrottledError):
-                    self._throttles[(key.app, key.tenant)] = time.monotonic() + retry_after
-                    await self._cache.set_throttle(key.app, key.tenant, retry_after)
+                    await self._cache.throttle(key, exc.retry_after)
                 if exc.hinted or isinstance(exc, ThrottledError):
-                    wait = retry_after
+                    wait = exc.retry_after
                 else:
                     wait = random.uniform(0, min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**attempt))  # noqa: S311 - jitter
-                if time.monotonic() + wait > deadline:
-                    raise
-                log.info(
-                    "entra transient failure, retrying",
-                    extra={
-                        "app": key.app,
-                        "tenant": key.tenant,
-                        "attempt": attempt + 1,
-                        "wait_seconds": round(wait, 3),
-                    },
-                )
-                await asyncio.sleep(wait)
         raise TemporarilyUnavailableError("Entra ID kept failing; retry later", retry_after=1)
-
-    def _throttled_locally(self, key: TokenKey) -> float:
-        until = self._throttles.get((key.app, key.tenant))
-        if until is None:
-            return 0.0
-        remaining = until - time.monotonic()
-        if remaining <= 0:
-            del self._throttles[(key.app, key.tenant)]
-            return 0.0
-        return remaining
-
-    # --- remembered permanent failures -------------------------------------------------------------
-
-    async def _remember(self, key: TokenKey, exc: BrokerError) -> None:
-        ttl = self._settings.negative_cache_seconds
-        if ttl <= 0:
-            return
-        self._negative[key] = (time.monotonic() + ttl, exc)
-        await self._cache.put_negative(key, exc.to_body(), ttl)
-
-    def _raise_if_remembered_locally(self, key: TokenKey) -> None:
-        if self._cache.shared_available:
-            # Redis is the memory every replica shares (and `cache purge` clears): trust it alone,
-            # so a purge after consent is granted takes effect everywhere at once.
-            return
-        entry = self._negative.get(key)
-        if entry is None:
-            return
-        until, exc = entry
-        if time.monotonic() >= until:
-            del self._negative[key]
-            return
-        self._metrics.negative_cache_hits.inc()
-        raise error_from_body(exc.to_body())
-
-    def forget(self, tenant: str) -> None:
-        """Drop remembered failures and throttles for a tenant (after consent is granted, say)."""
-        tenant = tenant.lower()
-        for key in [k for k in self._negative if k.tenant == tenant]:
-            del self._negative[key]
-        for app_tenant in [t for t in self._throttles if t[1] == tenant]:
-            del self._throttles[app_tenant]
 
     # --- refresh ahead ------------------------------------------------------------------------------
 
@@ -342,12 +301,9 @@ class TokenBroker:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _refresh(self, key: TokenKey, flight: asyncio.Task[tuple[AccessToken, str]]) -> None:
+    async def _refresh(self, key: TokenKey, flight: asyncio.Task[_Flight]) -> None:
         try:
-            _, layer = await flight
-        except _LeaseHeldError:
-            self._metrics.refresh.labels(outcome="other_replica").inc()
-            return
+            result = await flight
         except BrokerError as exc:
             # Keep serving the still-valid token; the next hit after the retry interval tries again.
             self._metrics.refresh.labels(outcome="error").inc()
@@ -356,9 +312,8 @@ class TokenBroker:
                 extra={"app": key.app, "tenant": key.tenant, "resource": key.resource, "error": exc.error},
             )
             return
+        if result.token is None:
+            self._metrics.refresh.labels(outcome="other_replica").inc()
+            return
         self._refreshing.pop(key, None)
-        self._metrics.refresh.labels(outcome="ok" if layer == "entra" else "adopted").inc()
-
-
-class _LeaseHeldError(BrokerError):
-    """Internal: a background refresh found another replica refreshing the key."""
+        self._metrics.refresh.labels(outcome="ok" if result.layer == "entra" else "adopted").inc()

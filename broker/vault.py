@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from broker.config import CredentialSource, Settings, read_env_secret
-from broker.errors import UpstreamError
+from broker.errors import CredentialLoadError
 from broker.tokens import fingerprint
 
 if TYPE_CHECKING:
@@ -62,10 +62,6 @@ class AppCredential:
     @property
     def is_certificate(self) -> bool:
         return self.private_key_pem is not None
-
-
-class CredentialLoadError(UpstreamError):
-    """A credential source could not be read and nothing was loaded before."""
 
 
 def _certificate_from_secret(value: str, content_type: str | None) -> AppCredential:

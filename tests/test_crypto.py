@@ -6,7 +6,8 @@ import base64
 
 import pytest
 
-from broker.crypto import Sealer, SealError, new_key, parse_key
+from broker.crypto import Sealer, new_key, parse_key
+from broker.errors import CredentialLoadError, SealError
 
 
 def test_round_trip_and_binding_to_associated_data() -> None:
@@ -35,7 +36,7 @@ def test_wrong_key_and_tampering_fail() -> None:
 
 def test_parse_key_requires_32_bytes_of_base64() -> None:
     """Keys of the wrong size or encoding are rejected with a message naming the setting."""
-    with pytest.raises(ValueError, match="cache_encryption_key"):
+    with pytest.raises(CredentialLoadError, match="cache_encryption_key"):
         parse_key(base64.b64encode(b"0" * 16).decode())
-    with pytest.raises(ValueError, match="not valid base64"):
+    with pytest.raises(CredentialLoadError, match="not valid base64"):
         parse_key("***")

@@ -1,0 +1,191 @@
+"""The composition root: builds every component once, supervises background tasks, serves.
+
+``create_app(settings)`` wires the HTTP surface (``http.py``) to the service and its adapters in the
+application's ``cleanup_ctx`` (nothing at import time); each component gets the small option object
+``config.py`` derives for it, never the whole ``Settings``. Background work (credential rotation, the
+purge listener, attaching Redis once the cache key loads) runs under one ``Supervisor``: a task that
+dies is logged, counted (``broker_background_task_failures_total``) and restarted with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import logging
+import random
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from broker import http
+from broker.cache import TokenCache, connect_redis
+from broker.callers import CallerRegistry
+from broker.config import Settings
+from broker.crypto import Sealer, parse_key
+from broker.entra import EntraClient
+from broker.errors import UpstreamError
+from broker.logs import AuditLog
+from broker.metrics import Metrics
+from broker.oidc import JwksFetcher
+from broker.service import TokenBroker
+from broker.tls import build_ca_bundle
+from broker.vault import CredentialStore
+
+log = logging.getLogger(__name__)
+
+RESTART_FIRST_SECONDS = 0.5
+RESTART_MAX_SECONDS = 30.0
+# A task that ran this long before it ended is considered healthy again: its backoff starts over.
+HEALTHY_RUN_SECONDS = 60.0
+
+
+class Supervisor:
+    """Runs named background tasks for the app's lifetime; restarts any that ends or dies."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
+        self._tasks.append(asyncio.create_task(self._run(name, work), name=f"broker:{name}"))
+
+    async def _run(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
+        delay = RESTART_FIRST_SECONDS
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                await work()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the supervisor's job: log, count, restart
+                self._metrics.background_task_failures.labels(task=name).inc()
+                log.exception("background task failed; restarting", extra={"task": name})
+            else:
+                log.info("background task ended; restarting", extra={"task": name})
+            if loop.time() - started >= HEALTHY_RUN_SECONDS:
+                delay = RESTART_FIRST_SECONDS
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter
+            delay = min(delay * 2, RESTART_MAX_SECONDS)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
+    """The API application; every client it needs is built in its cleanup context."""
+    app = http.create_api(settings.max_body_bytes)
+    app[http.SETTINGS] = settings
+    app[http.METRICS] = metrics or Metrics()
+    app[http.AUDIT] = AuditLog()
+    app[http.OPENAPI] = importlib.resources.files("broker").joinpath("openapi.json").read_bytes()
+    app.cleanup_ctx.append(_components)
+    return app
+
+
+async def _components(app: web.Application) -> AsyncIterator[None]:
+    settings = app[http.SETTINGS]
+    metrics = app[http.METRICS]
+    ca_bundle = build_ca_bundle(settings.outbound_ca_file)
+    jwks = JwksFetcher(settings.service_account_auth, ca_bundle) if settings.service_account_auth else None
+    app[http.CALLERS] = CallerRegistry(settings, jwks)
+    supervisor = Supervisor(metrics)
+    async with CredentialStore(settings, metrics, ca_bundle) as credentials:
+        app[http.CREDENTIALS] = credentials
+        try:
+            await credentials.load_all()
+        except UpstreamError as exc:
+            # Start anyway: /readyz reports it and requests answer 502 until a reload succeeds.
+            log.error("credentials not loaded at start", extra={"reason": exc.description})  # noqa: TRY400 - no traceback: it could quote a secret source
+        redis_options = settings.redis_options()
+        redis = connect_redis(redis_options) if redis_options else None
+        sealer = await _load_sealer(credentials) if redis is not None else None
+        if redis_options is None:
+            log.warning("no redis_url: tokens are cached in this process only (not shared by replicas)")
+        elif sealer is None:
+            raise UpstreamError("cache_encryption_key is not loaded")
+        cache = TokenCache(metrics, settings.cache_options(), redis=redis, sealer=sealer)
+        app[http.CACHE] = cache
+        entra = EntraClient(settings.entra_options(), metrics, credentials, ca_bundle)
+        broker = TokenBroker(dict(settings.apps), settings.flight_options(), metrics, cache, entra)
+        app[http.BROKER] = broker
+        supervisor.start("credential_refresh", lambda: _refresh_credentials(credentials, settings))
+        if redis is not None:
+            supervisor.start("purge_listener", cache.listen_for_purges)
+        try:
+            yield
+        finally:
+            await supervisor.close()
+            if jwks is not None:
+                await jwks.close()
+            await broker.close()
+            entra.close()
+            await cache.close()
+
+
+async def _load_sealer(credentials: CredentialStore) -> Sealer | None:
+    key_text = await credentials.cache_key_text()
+    return Sealer(parse_key(key_text)) if key_text is not None else None
+
+
+async def _refresh_credentials(credentials: CredentialStore, settings: Settings) -> None:
+    """Re-read every credential periodically, so a rotation is picked up without a restart."""
+    while True:
+        await asyncio.sleep(settings.credential_refresh_seconds)
+        try:
+            await credentials.load_all(force=True)
+        except UpstreamError as exc:
+            log.warning("periodic credential reload failed", extra={"reason": exc.description})
+
+
+def create_metrics_app(metrics: Metrics) -> web.Application:
+    async def metrics_handler(_request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler)
+    return app
+
+
+async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) -> None:
+    """Run the API and metrics listeners until SIGTERM/SIGINT, then drain in-flight requests."""
+    metrics = Metrics()
+    api = web.AppRunner(
+        create_app(settings, metrics),
+        shutdown_timeout=settings.drain_seconds,
+        access_log=None,
+        handle_signals=False,
+    )
+    side = web.AppRunner(create_metrics_app(metrics), access_log=None, handle_signals=False)
+    await api.setup()
+    await side.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await web.TCPSite(api, settings.listen.host, settings.listen.port, backlog=1024).start()
+        await web.TCPSite(side, settings.metrics.host, settings.metrics.port).start()
+        log.info(
+            "token-broker listening",
+            extra={
+                "host": settings.listen.host,
+                "port": settings.listen.port,
+                "metrics_port": settings.metrics.port,
+            },
+        )
+        if ready is not None:
+            ready()
+        await stop.wait()
+        log.info(
+            "shutting down: draining in-flight requests", extra={"drain_seconds": settings.drain_seconds}
+        )
+    finally:
+        await api.cleanup()
+        await side.cleanup()
