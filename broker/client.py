@@ -214,12 +214,9 @@ class _Core:
             and isinstance(payload.get("expires_on"), int | float)
         ):
             raise ClientAuthenticationError(message="the token broker answered 200 without a usable token")
-        expires_on = int(payload["expires_on"])
-        expires_in = payload.get("expires_in")
-        if isinstance(expires_in, int | float):
-            # The remaining lifetime measured by this clock, in case it disagrees with the broker's.
-            expires_on = min(expires_on, int(time.time() + expires_in))
-        token = AccessToken(payload["access_token"], expires_on)
+        # The broker's own expires_on: deriving it from expires_in at receipt would give the same
+        # token a different expiry on either side of a second boundary.
+        token = AccessToken(payload["access_token"], int(payload["expires_on"]))
         self.tokens[key] = token
         return token
 

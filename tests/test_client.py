@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from aiohttp import web
 from azure.core.credentials import SupportsTokenInfo, TokenCredential
 from azure.core.credentials_async import AsyncSupportsTokenInfo, AsyncTokenCredential
 from azure.core.exceptions import ClientAuthenticationError
@@ -19,7 +20,7 @@ from broker.client import (
     TokenFile,
     app_scope,
 )
-from tests.support import free_port
+from tests.support import free_port, serve_in_thread
 
 DEFENDER = "https://api.security.microsoft.com"
 KEY = "tbk_unit-test-key-that-must-never-be-shown"
@@ -169,3 +170,24 @@ async def test_async_transport_error_is_an_authentication_error() -> None:
             await credential.get_token(DEFENDER, tenant_id="contoso.onmicrosoft.com")
     assert raised.value.__cause__ is not None
     assert KEY not in str(raised.value) + repr(credential)
+
+
+def test_expires_on_is_the_brokers_not_recomputed_at_receipt() -> None:
+    """The token's expires_on is the one the broker sent, whatever expires_in says: deriving it from
+    expires_in at receipt gave one cached token two expiries across a second boundary (a flaky CI)."""
+    expires_on = 4_102_444_800  # far beyond now + expires_in
+
+    async def token(_request: web.Request) -> web.Response:
+        return web.json_response({"access_token": "t0k", "expires_on": expires_on, "expires_in": 3599})
+
+    app = web.Application()
+    app.router.add_post("/v1/token", token)
+    port = free_port()
+    with (
+        serve_in_thread(app, port),
+        BrokerCredential(
+            f"http://127.0.0.1:{port}", api_key=KEY, default_tenant_id="contoso.onmicrosoft.com"
+        ) as credential,
+    ):
+        first = credential.get_token(f"{DEFENDER}/.default")
+    assert expires_on == first.expires_on
