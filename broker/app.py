@@ -48,10 +48,12 @@ class Supervisor:
         self._metrics = metrics
         self._tasks: list[asyncio.Task[None]] = []
 
-    def start(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
-        self._tasks.append(asyncio.create_task(self._run(name, work), name=f"broker:{name}"))
+    def start(self, name: str, work: Callable[[], Awaitable[None]], *, until_done: bool = False) -> None:
+        """Run ``work`` for the app's lifetime (restarted whenever it ends), or ``until_done``: until
+        it returns normally (restarted only when it fails)."""
+        self._tasks.append(asyncio.create_task(self._run(name, work, until_done), name=f"broker:{name}"))
 
-    async def _run(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
+    async def _run(self, name: str, work: Callable[[], Awaitable[None]], until_done: bool) -> None:
         delay = RESTART_FIRST_SECONDS
         loop = asyncio.get_running_loop()
         while True:
@@ -64,6 +66,8 @@ class Supervisor:
                 self._metrics.background_task_failures.labels(task=name).inc()
                 log.exception("background task failed; restarting", extra={"task": name})
             else:
+                if until_done:
+                    return
                 log.info("background task ended; restarting", extra={"task": name})
             if loop.time() - started >= HEALTHY_RUN_SECONDS:
                 delay = RESTART_FIRST_SECONDS
@@ -82,6 +86,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app[http.SETTINGS] = settings
     app[http.METRICS] = metrics or Metrics()
     app[http.AUDIT] = AuditLog()
+    app[http.DRAINING] = asyncio.Event()
     app[http.OPENAPI] = importlib.resources.files("broker").joinpath("openapi.json").read_bytes()
     app.cleanup_ctx.append(_components)
     return app
@@ -106,9 +111,10 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         sealer = await _load_sealer(credentials) if redis is not None else None
         if redis_options is None:
             log.warning("no redis_url: tokens are cached in this process only (not shared by replicas)")
-        elif sealer is None:
-            raise UpstreamError("cache_encryption_key is not loaded")
         cache = TokenCache(metrics, settings.cache_options(), redis=redis, sealer=sealer)
+        if redis is not None and sealer is None:
+            # Start degraded rather than crash: L1 only until the key loads (/readyz says so).
+            supervisor.start("cache_key", lambda: _attach_sealer(credentials, cache), until_done=True)
         app[http.CACHE] = cache
         entra = EntraClient(settings.entra_options(), metrics, credentials, ca_bundle)
         broker = TokenBroker(dict(settings.apps), settings.flight_options(), metrics, cache, entra)
@@ -128,8 +134,23 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _load_sealer(credentials: CredentialStore) -> Sealer | None:
-    key_text = await credentials.cache_key_text()
-    return Sealer(parse_key(key_text)) if key_text is not None else None
+    """The cache key's sealer, or ``None`` (logged without a traceback) when it cannot be loaded."""
+    try:
+        key_text = await credentials.cache_key_text()
+        return Sealer(parse_key(key_text)) if key_text is not None else None
+    except UpstreamError as exc:
+        log.error("cache key not loaded: in-process cache only", extra={"reason": exc.description})  # noqa: TRY400 - no traceback: it could quote a secret source
+        return None
+
+
+async def _attach_sealer(credentials: CredentialStore, cache: TokenCache) -> None:
+    """Keep trying to load the cache key; once it loads, the cache starts using Redis."""
+    delay = RESTART_FIRST_SECONDS
+    while (sealer := await _load_sealer(credentials)) is None:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RESTART_MAX_SECONDS)
+    cache.attach_sealer(sealer)
+    log.info("cache key loaded: using the shared cache")
 
 
 async def _refresh_credentials(credentials: CredentialStore, settings: Settings) -> None:
@@ -156,11 +177,13 @@ def create_metrics_app(metrics: Metrics) -> web.Application:
 async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) -> None:
     """Run the API and metrics listeners until SIGTERM/SIGINT, then drain in-flight requests."""
     metrics = Metrics()
+    application = create_app(settings, metrics)
     api = web.AppRunner(
-        create_app(settings, metrics),
+        application,
         shutdown_timeout=settings.drain_seconds,
         access_log=None,
         handle_signals=False,
+        keepalive_timeout=settings.keepalive_seconds,
     )
     side = web.AppRunner(create_metrics_app(metrics), access_log=None, handle_signals=False)
     await api.setup()
@@ -169,8 +192,9 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    listener: asyncio.Server | None = None
     try:
-        await web.TCPSite(api, settings.listen.host, settings.listen.port, backlog=1024).start()
+        listener = await _listen(api, settings, metrics)
         await web.TCPSite(side, settings.metrics.host, settings.metrics.port).start()
         log.info(
             "token-broker listening",
@@ -183,9 +207,44 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
         if ready is not None:
             ready()
         await stop.wait()
+        application[http.DRAINING].set()
         log.info(
             "shutting down: draining in-flight requests", extra={"drain_seconds": settings.drain_seconds}
         )
     finally:
+        if listener is not None:
+            listener.close()  # stop accepting; the runner's cleanup then drains what is in flight
         await api.cleanup()
         await side.cleanup()
+
+
+class _Refusal(asyncio.Protocol):
+    """Answers a connection over ``max_connections`` with a 503 and closes it."""
+
+    _ANSWER = (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+        b"Connection: close\r\nContent-Length: 80\r\n\r\n"
+        b'{"error":"temporarily_unavailable","error_description":"too many connections"}\r\n'
+    )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - a TCP listener's transports
+        transport.write(self._ANSWER)
+        transport.close()
+
+
+async def _listen(runner: web.AppRunner, settings: Settings, metrics: Metrics) -> asyncio.Server:
+    """The API listener, with the connection cap that aiohttp's own sites do not have."""
+    server = runner.server
+    assert server is not None  # noqa: S101 - set up by runner.setup()
+    cap = settings.max_connections
+
+    def connection() -> asyncio.Protocol:
+        if len(server.connections) >= cap:
+            metrics.refused_connections.inc()
+            return _Refusal()
+        return server()
+
+    return await asyncio.get_running_loop().create_server(
+        connection, settings.listen.host, settings.listen.port, backlog=1024, reuse_address=True
+    )

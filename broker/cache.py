@@ -29,11 +29,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.errors import BrokerError, SealError, SharedCacheError, error_from_body, remembered_body
 from broker.tokens import AccessToken, TokenKey
@@ -51,9 +52,14 @@ _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
-# SET NX, except that a lease some bug or intruder left without a TTL would block its key forever:
-# such a value is replaced (a lease always expires).
+# SET NX, re-entrant for the same holder (whose earlier attempt may have timed out after it landed),
+# and a lease some bug or intruder left without a TTL, which would block its key forever, is
+# replaced (a lease always expires).
 _TAKE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('pexpire', KEYS[1], ARGV[2])
+  return 1
+end
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 if redis.call('pttl', KEYS[1]) == -1 then
   redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -72,12 +78,14 @@ T = TypeVar("T")
 
 
 class _Down(enum.Enum):
-    """What a guarded Redis call returns when Redis is not configured, backing off, or failed."""
+    """What a guarded Redis call returns instead of a result."""
 
-    DOWN = enum.auto()
+    DOWN = enum.auto()  # not configured, backing off, or the call failed: fail open
+    SLOW = enum.auto()  # this call timed out while Redis otherwise answers (a loaded host, say)
 
 
 DOWN = _Down.DOWN
+SLOW = _Down.SLOW
 
 
 class Lease(enum.Enum):
@@ -129,17 +137,22 @@ class _Names:
 def connect_redis(options: RedisOptions, *, read_timeout: bool = True) -> Redis:
     """The one place Redis clients are built (cache, purge listener, CLI).
 
-    A connection the server dropped (idle timeout, failover) fails its first command unless the
-    client retries: one retry on connection errors, quickly, never on timeouts (a frozen server must
-    cost one timeout, not two). ``read_timeout=False`` for a subscriber, which waits by design.
+    A bounded pool: a burst of requests queues for one of ``max_connections`` connections instead
+    of opening hundreds at once (each with its handshake). A connection the server dropped (idle
+    timeout, failover) fails its first command unless the client retries: one retry on connection
+    errors, quickly, never on timeouts (a frozen server must cost one timeout, not two).
+    ``read_timeout=False`` for a subscriber, which waits by design.
     """
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         options.url,
+        max_connections=options.max_connections,
+        timeout=options.pool_timeout_seconds,
         socket_timeout=options.timeout_seconds if read_timeout else None,
         socket_connect_timeout=options.timeout_seconds,
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1, supported_errors=(RedisConnectionError,)),
     )
+    return Redis.from_pool(pool)
 
 
 class TokenCache:
@@ -152,8 +165,8 @@ class TokenCache:
     def __init__(
         self, metrics: Metrics, options: CacheOptions, *, redis: Redis | None, sealer: Sealer | None
     ) -> None:
-        if (redis is None) != (sealer is None):
-            raise ValueError("Redis needs a sealer and a sealer needs Redis")
+        if sealer is not None and redis is None:
+            raise ValueError("a sealer needs Redis")
         self._metrics = metrics
         self._options = options
         self._redis = redis
@@ -163,11 +176,23 @@ class TokenCache:
         self._failures: OrderedDict[TokenKey, tuple[float, dict[str, Any]]] = OrderedDict()
         self._throttles: OrderedDict[tuple[str, str], float] = OrderedDict()  # (app, tenant) -> end
         self._redis_down_until = 0.0
+        self._failing_since: float | None = None  # first timeout since the last success
         self.redis_last_error: str | None = None
 
     @property
     def shared(self) -> bool:
+        """Redis is configured (it is used once the cache key is loaded)."""
         return self._redis is not None
+
+    @property
+    def key_loaded(self) -> bool:
+        return self._sealer is not None
+
+    def attach_sealer(self, sealer: Sealer) -> None:
+        """Start using Redis: the cache key loaded after start-up (until then, L1 only)."""
+        if self._redis is None:
+            raise ValueError("a sealer needs Redis")
+        self._sealer = sealer
 
     @property
     def shared_available(self) -> bool:
@@ -220,7 +245,7 @@ class TokenCache:
                 return list(await pipe.execute(raise_on_error=False))
 
         results = await self._guarded("lookup", pipeline)
-        if results is DOWN:
+        if isinstance(results, _Down):
             self._metrics.cache_lookups.labels(layer="redis", result="error").inc()
             return Lookup(failure=self._remembered_locally(key), throttled_seconds=local_throttle)
         if any(isinstance(result, Exception) for result in results):
@@ -233,17 +258,27 @@ class TokenCache:
             shared_throttle = min(throttle_ms / 1000, MAX_THROTTLE_SECONDS)
         return Lookup(token, failure, max(local_throttle, shared_throttle))
 
+    @staticmethod
+    def new_holder() -> str:
+        """A lease holder's identity: one per acquisition, kept across its attempts to take the lease."""
+        return secrets.token_hex(16)
+
     @contextlib.asynccontextmanager
-    async def lease(self, key: TokenKey, lease_seconds: float) -> AsyncIterator[Lease]:
-        """Hold ``key``'s acquisition lease for the block (released on exit, whatever happens)."""
-        name, fence = _Names.lease(key), secrets.token_hex(16)
+    async def lease(self, key: TokenKey, lease_seconds: float, holder: str) -> AsyncIterator[Lease]:
+        """Hold ``key``'s acquisition lease for the block (released on exit, whatever happens).
+
+        A timed-out attempt while Redis otherwise answers is ``HELD``: the lease may have been set
+        (by us: the next attempt with the same ``holder`` gets it) or be another replica's, and
+        acquiring directly would make a second Entra request. Only Redis being down is ``UNAVAILABLE``.
+        """
+        name, fence = _Names.lease(key), holder
         taken = await self._guarded(
             "lease", lambda redis: redis.eval(_TAKE, 1, name, fence, int(lease_seconds * 1000))
         )
         if taken is DOWN:
             yield Lease.UNAVAILABLE
             return
-        if not taken:
+        if taken is SLOW or not taken:
             yield Lease.HELD
             return
         try:
@@ -289,7 +324,7 @@ class TokenCache:
         self._throttles.move_to_end(app_tenant)
         while len(self._throttles) > self._options.local_max_entries:
             self._throttles.popitem(last=False)
-        if self._redis is not None:
+        if self._sealer is not None:
             name, ttl_ms = _Names.throttle(key), int(seconds * 1000)
             await self._guarded("throttle", lambda redis: redis.set(name, b"1", px=ttl_ms))
 
@@ -311,7 +346,9 @@ class TokenCache:
         if self._redis is None:
             return True
         self._redis_down_until = 0.0
-        return await self._guarded("ping", lambda redis: redis.ping()) is not DOWN
+        return not isinstance(
+            await self._guarded("ping", lambda redis: redis.ping(), even_backing_off=True), _Down
+        )
 
     async def listen_for_purges(self) -> None:
         """Apply every purge broadcast (any replica, the CLI) to this process; runs until cancelled.
@@ -337,16 +374,21 @@ class TokenCache:
     # --- internals --------------------------------------------------------------------------
 
     def _redis_usable(self) -> Redis | None:
-        if self._redis is None or time.monotonic() < self._redis_down_until:
-            return None
+        if self._sealer is None or time.monotonic() < self._redis_down_until:
+            return None  # no Redis, no cache key yet (nothing may be stored unsealed), or backing off
         return self._redis
 
     async def _guarded(
         self, operation: str, call: Callable[[Redis], Awaitable[T]], *, even_backing_off: bool = False
     ) -> T | _Down:
-        """Run one Redis call under the fail-open rule: ``DOWN`` when Redis is unusable or the call
-        fails. A connection-level failure is logged, counted, and makes Redis skipped for
-        ``REDIS_BACKOFF_SECONDS``; a command error (a wrong-type key, say) concerns that key only."""
+        """Run one Redis call under the fail-open rule.
+
+        ``DOWN`` when Redis is unusable or the call fails; then Redis is skipped for
+        ``REDIS_BACKOFF_SECONDS`` when it is down: a connection error, or timeouts for that long
+        with no success in between. A timeout before that is ``SLOW`` (that call only: on a loaded
+        host the event loop, not Redis, is late, and a burst waits for pooled connections), and a
+        command error (a wrong-type key, say) concerns that key only. Every failure is logged and
+        counted."""
         redis = self._redis if even_backing_off else self._redis_usable()
         if redis is None:
             return DOWN
@@ -360,7 +402,14 @@ class TokenCache:
             return DOWN
         except (RedisError, OSError) as exc:
             self._metrics.redis_errors.inc()
-            self._redis_down_until = time.monotonic() + REDIS_BACKOFF_SECONDS
+            now = time.monotonic()
+            if _is_slow(exc):
+                if self._failing_since is None:
+                    self._failing_since = now
+                if now - self._failing_since < REDIS_BACKOFF_SECONDS:
+                    log.warning("redis call timed out", extra={"operation": operation})
+                    return SLOW
+            self._redis_down_until = now + REDIS_BACKOFF_SECONDS
             self.redis_last_error = f"{operation}: {type(exc).__name__}"
             log.warning(
                 "redis unavailable, failing open",
@@ -368,6 +417,7 @@ class TokenCache:
             )
             return DOWN
         self.redis_last_error = None
+        self._failing_since = None
         return result
 
     def _open(self, name: str, blob: Any) -> dict[str, Any] | None:
@@ -422,6 +472,13 @@ class TokenCache:
             del self._throttles[app_tenant]
             return 0.0
         return remaining
+
+
+def _is_slow(exc: BaseException) -> bool:
+    """A timeout, or no pooled connection free in time: lateness, not (yet) an outage."""
+    return isinstance(exc, RedisTimeoutError) or (
+        isinstance(exc, RedisConnectionError) and "No connection available" in str(exc)
+    )
 
 
 async def purge_tenant(options: RedisOptions, tenant: str) -> tuple[int, int]:

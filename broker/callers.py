@@ -37,6 +37,7 @@ class Caller:
     name: str
     tenants: frozenset[str]  # lower-cased; "*" means every tenant
     apps: frozenset[str]
+    max_acquisitions_per_minute: int = 120  # upstream (Entra) acquisitions; cache hits are free
 
     def check(self, *, tenant: str, app: str) -> None:
         """Raise ``AccessDeniedError`` unless this caller may ask for ``tenant`` through ``app``."""
@@ -166,4 +167,9 @@ class CallerRegistry:
 
 
 def _caller(name: str, settings: CallerSettings) -> Caller:
-    return Caller(name=name, tenants=frozenset(settings.tenants), apps=frozenset(settings.apps))
+    return Caller(
+        name=name,
+        tenants=frozenset(settings.tenants),
+        apps=frozenset(settings.apps),
+        max_acquisitions_per_minute=settings.max_acquisitions_per_minute,
+    )

@@ -165,6 +165,9 @@ class CallerSettings(_Frozen):
     service_account: str | None = None  # system:serviceaccount:NAMESPACE:NAME
     tenants: list[str] = Field(min_length=1)
     apps: list[str] = Field(min_length=1)
+    # Entra acquisitions this caller may cause per minute (a token bucket; cache hits never count):
+    # one runaway or compromised caller cannot spend the shared app's Entra budget.
+    max_acquisitions_per_minute: int = Field(default=120, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _one_credential(self) -> CallerSettings:
@@ -224,12 +227,19 @@ class Settings(_Frozen):
     # honoured) stop when the next wait would end after this many seconds: the caller then gets 503.
     upstream_retry_seconds: float = Field(default=8.0, ge=0, le=60)
     redis_timeout_seconds: float = Field(default=0.5, gt=0, le=30)
+    redis_max_connections: int = Field(default=64, ge=2, le=10_000)  # per replica
     negative_cache_seconds: float = Field(default=30.0, ge=0, le=3600)
     credential_refresh_seconds: float = Field(default=3600.0, ge=1)
     # A rejected credential triggers a reload at most this often (Key Vault allows ~4,000 GETs/10 s).
     credential_min_reload_seconds: float = Field(default=5.0, ge=0, le=3600)
     max_body_bytes: int = Field(default=4096, ge=256, le=1_048_576)
     drain_seconds: float = Field(default=10.0, ge=0, le=300)
+    # Connections: an idle connection, or one whose request headers have not all arrived, is closed
+    # after keepalive_seconds; a body must arrive within body_timeout_seconds (else 408); beyond
+    # max_connections open connections a new one is answered 503 and closed.
+    keepalive_seconds: float = Field(default=15.0, gt=0, le=3600)
+    body_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    max_connections: int = Field(default=4096, ge=1, le=1_000_000)
     # How long one replica may hold a key's acquisition lease before another takes over (a crashed
     # holder blocks the key this long at most).
     # Default: upstream_retry_seconds + 2 x upstream_timeout_seconds + 5.
@@ -284,6 +294,7 @@ class Settings(_Frozen):
             upstream_retry_seconds=self.upstream_retry_seconds,
             upstream_timeout_seconds=self.upstream_timeout_seconds,
             negative_cache_seconds=self.negative_cache_seconds,
+            max_concurrent_acquisitions=self.msal_max_workers,
         )
 
     def cache_options(self) -> CacheOptions:
@@ -292,7 +303,12 @@ class Settings(_Frozen):
     def redis_options(self) -> RedisOptions | None:
         if not self.redis_url:
             return None
-        return RedisOptions(url=self.redis_url, timeout_seconds=self.redis_timeout_seconds)
+        return RedisOptions(
+            url=self.redis_url,
+            timeout_seconds=self.redis_timeout_seconds,
+            max_connections=self.redis_max_connections,
+            pool_timeout_seconds=max(2.0, self.redis_timeout_seconds * 4),
+        )
 
     def entra_options(self) -> EntraOptions:
         return EntraOptions(
@@ -321,6 +337,7 @@ class FlightOptions:
     upstream_retry_seconds: float
     upstream_timeout_seconds: float
     negative_cache_seconds: float
+    max_concurrent_acquisitions: int  # slots of the fair scheduler: the MSAL workers
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +356,8 @@ class RedisOptions:
 
     url: str = field(repr=False)  # may hold a password
     timeout_seconds: float
+    max_connections: int
+    pool_timeout_seconds: float  # waiting for a free pooled connection
 
 
 @dataclass(frozen=True, slots=True)

@@ -366,17 +366,53 @@ class EntraClient:
                 failure, tenant=tenant, consent_link=self.consent_url(TokenKey(app, tenant, resource))
             ) from None
 
-    @staticmethod
-    def _transport_error(exc: requests.RequestException) -> BrokerError:
+    def _transport_error(self, exc: requests.RequestException) -> BrokerError:
         if isinstance(exc, requests.HTTPError) and exc.response is not None:
             status = exc.response.status_code
             retry_after = _parse_retry_after(exc.response.headers.get("Retry-After"))
             if status == 429 or status >= 500:
                 return _unavailable(status, retry_after, f"Entra ID answered HTTP {status}; retry later")
             return UpstreamError(f"Entra ID answered HTTP {status}")
+        cause, reason = unreachable_cause(exc)
+        # Runs in an executor thread: prometheus_client's counters are thread-safe.
+        self._metrics.upstream_unreachable.labels(cause=cause).inc()
+        log.warning("cannot reach Entra ID", extra={"cause": cause, "reason": type(exc).__name__})
         return TemporarilyUnavailableError(
-            f"cannot reach Entra ID ({type(exc).__name__})", retry_after=DEFAULT_RETRY_AFTER_SECONDS
+            f"cannot reach Entra ID: {reason}", retry_after=DEFAULT_RETRY_AFTER_SECONDS
         )
+
+
+_UNREACHABLE = {
+    "dns": "its host name does not resolve (DNS)",
+    "connection_refused": "the connection was refused",
+    "connection_reset": "the connection was reset",
+    "tls": "the TLS handshake failed (is the certificate trusted? see outbound_ca_file)",
+    "proxy": "the proxy refused or failed the connection",
+    "timeout": "it did not answer in time",
+    "connection_error": "the connection failed",
+}
+
+
+def unreachable_cause(exc: requests.RequestException) -> tuple[str, str]:
+    """Why Entra could not be reached, as a bounded metric label and a sentence for callers: DNS,
+    refused, reset, TLS, proxy, timeout (an egress policy shows as a timeout or a refusal)."""
+    if isinstance(exc, requests.exceptions.SSLError):
+        cause = "tls"
+    elif isinstance(exc, requests.exceptions.ProxyError):
+        cause = "proxy"
+    elif isinstance(exc, requests.Timeout):
+        cause = "timeout"
+    else:
+        text = repr(exc)
+        if "NameResolution" in text or "Name or service not known" in text or "getaddrinfo" in text:
+            cause = "dns"
+        elif "Connection refused" in text or "ConnectionRefused" in text:
+            cause = "connection_refused"
+        elif "Connection reset" in text or "RemoteDisconnected" in text or "ConnectionReset" in text:
+            cause = "connection_reset"
+        else:
+            cause = "connection_error"
+    return cause, _UNREACHABLE[cause]
 
 
 def _error_in(text: str) -> str:

@@ -4,7 +4,8 @@
     ├── BrokerError                      (status, OAuth ``error`` code, description, typed context)
     │   ├── InvalidRequestError          400 invalid_request
     │   │   ├── PayloadTooLargeError     413 invalid_request
-    │   │   └── UnsupportedMediaTypeError 415 invalid_request
+    │   │   ├── UnsupportedMediaTypeError 415 invalid_request
+    │   │   └── RequestTimeoutError      408 invalid_request (the body did not arrive in time)
     │   ├── InvalidClientError           401 invalid_client (+ WWW-Authenticate)
     │   ├── AccessDeniedError            403 access_denied
     │   ├── ConsentRequiredError         403 consent_required (+ consent_url, aadsts)
@@ -14,8 +15,10 @@
     │   │   ├── CredentialRejectedError  502: Entra rejected the app's own credential (app-wide)
     │   │   ├── CredentialLoadError      502: a credential source could not be read, nothing loaded
     │   │   └── TenantRefusedError       502: a permanent per-tenant refusal (e.g. resource not provisioned)
-    │   └── TemporarilyUnavailableError  503 temporarily_unavailable (+ retry_after, Retry-After)
-    │       └── ThrottledError           503: Entra answered 429 (its Retry-After is shared by replicas)
+    │   └── RetryLaterError              (+ retry_after, Retry-After)
+    │       ├── RateLimitedError         429 rate_limited: the caller's acquisition budget is spent
+    │       └── TemporarilyUnavailableError 503 temporarily_unavailable
+    │           └── ThrottledError       503: Entra answered 429 (its Retry-After is shared by replicas)
     ├── SealError                        not an HTTP error: a cached value does not open (wrong key, tampered)
     ├── JwksError                        not an HTTP error: service-account signing keys cannot be fetched
     ├── SharedCacheError                 not an HTTP error: Redis cannot be reached (CLI maintenance)
@@ -32,6 +35,7 @@ the caller and must never contain a token, a secret or a caller key.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 # The body fields a remembered failure may carry when it is read back from Redis: nothing else is
@@ -91,6 +95,10 @@ class UnsupportedMediaTypeError(InvalidRequestError):
     status = 415
 
 
+class RequestTimeoutError(InvalidRequestError):
+    status = 408
+
+
 class InvalidClientError(BrokerError):
     status = 401
     error = "invalid_client"
@@ -136,13 +144,12 @@ class TenantRefusedError(UpstreamError):
     """A permanent per-tenant refusal other than consent, such as a resource not provisioned."""
 
 
-class TemporarilyUnavailableError(BrokerError):
-    status = 503
-    error = "temporarily_unavailable"
+class RetryLaterError(BrokerError):
+    """Base of the answers that carry ``retry_after`` (body) and ``Retry-After`` (header)."""
 
     def __init__(self, description: str, *, retry_after: float, hinted: bool = False, **context: Any) -> None:
         super().__init__(description, **context)
-        self.retry_after = max(1, int(retry_after))
+        self.retry_after = max(1, math.ceil(retry_after))
         # True when the upstream itself said how long to wait (a Retry-After header).
         self.hinted = hinted
 
@@ -151,6 +158,18 @@ class TemporarilyUnavailableError(BrokerError):
 
     def to_body(self) -> dict[str, Any]:
         return {**super().to_body(), "retry_after": self.retry_after}
+
+
+class RateLimitedError(RetryLaterError):
+    """The caller spent its budget of upstream acquisitions (cache hits are never limited)."""
+
+    status = 429
+    error = "rate_limited"
+
+
+class TemporarilyUnavailableError(RetryLaterError):
+    status = 503
+    error = "temporarily_unavailable"
 
 
 class ThrottledError(TemporarilyUnavailableError):

@@ -8,6 +8,7 @@ the request id, with the traceback in the log.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -26,6 +27,7 @@ from broker.errors import (
     BrokerError,
     InvalidRequestError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     UnsupportedMediaTypeError,
 )
 from broker.logs import AuditLog, request_id_var
@@ -44,13 +46,14 @@ CACHE = web.AppKey("cache", TokenCache)
 CREDENTIALS = web.AppKey("credentials", CredentialStore)
 AUDIT = web.AppKey("audit", AuditLog)
 OPENAPI = web.AppKey("openapi", bytes)
+DRAINING = web.AppKey("draining", asyncio.Event)  # set on SIGTERM: /readyz answers 503
 
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _FIELDS = frozenset({"tenant", "resource", "scope", "app", "roles", "min_ttl"})
 _MAX_ROLES = 64
 _MAX_ROLE_LENGTH = 256
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-_RESOURCE_RE = re.compile(r"^https://[A-Za-z0-9.-]+(:\d+)?(/[A-Za-z0-9._~%/-]*)?$")
+_RESOURCE_RE = re.compile(r"https://[A-Za-z0-9.-]+(:\d+)?(/[A-Za-z0-9._~%/-]*)?")
 
 
 def _json_response(
@@ -115,7 +118,7 @@ def _parse_resource(resource: Any, scope: Any) -> str:
     if len(normalised) != 1:
         raise InvalidRequestError("'resource' and 'scope' name different resources")
     value = normalised.pop()
-    if not _RESOURCE_RE.match(value):
+    if not _RESOURCE_RE.fullmatch(value):
         raise InvalidRequestError("'resource' must be an https:// resource URI")
     return value
 
@@ -129,7 +132,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request ids, and one rendering of every error as the contract's JSON body."""
     incoming = request.headers.get("X-Request-ID", "")
-    request_id = incoming if _REQUEST_ID_RE.match(incoming) else secrets.token_hex(8)
+    request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else secrets.token_hex(8)
     request_id_var.set(request_id)
     try:
         response = await handler(request)
@@ -165,12 +168,16 @@ async def token_handler(request: web.Request) -> web.Response:
     caller_name = "-"
     token_request: TokenRequest | None = None
     issued: Issued | None = None
-    outcome = "ok"
+    outcome = "server_error"  # until proven otherwise: an unexpected failure is never "ok"
     try:
         caller = await app[CALLERS].authenticate(request.headers.get("Authorization"))
         caller_name = caller.name
-        token_request = parse_token_request(await _read_json(request, app[SETTINGS].max_body_bytes))
+        settings = app[SETTINGS]
+        token_request = parse_token_request(
+            await _read_json(request, settings.max_body_bytes, settings.body_timeout_seconds)
+        )
         issued = await app[BROKER].get_token(caller, token_request)
+        outcome = "ok"
     except BrokerError as exc:
         outcome = exc.error
         raise
@@ -178,7 +185,10 @@ async def token_handler(request: web.Request) -> web.Response:
         elapsed = time.perf_counter() - started
         metrics.child(metrics.token_requests, caller_name, outcome).inc()
         metrics.child(metrics.token_request_seconds, outcome).observe(elapsed)
-        _audit(app[AUDIT], caller_name, token_request, issued, outcome, elapsed)
+        app_name = (
+            issued.app if issued else app[BROKER].app_name(token_request.app) if token_request else None
+        )
+        _audit(app[AUDIT], caller_name, token_request, app_name, issued, outcome, elapsed)
     token = issued.token
     remaining = int(token.remaining_seconds())
     metrics.served_token_remaining_seconds.observe(remaining)
@@ -199,6 +209,7 @@ def _audit(
     audit: AuditLog,
     caller: str,
     request: TokenRequest | None,
+    app: str | None,
     issued: Issued | None,
     outcome: str,
     elapsed: float,
@@ -208,7 +219,7 @@ def _audit(
         {
             "caller": caller,
             "tenant": request.tenant if request else None,
-            "app": issued.app if issued else (request.app if request else None),
+            "app": app,
             "resource": request.resource if request else None,
             "outcome": outcome,
             "cache_layer": issued.layer if issued else None,
@@ -219,15 +230,19 @@ def _audit(
     )
 
 
-async def _read_json(request: web.Request, limit: int) -> Any:
+async def _read_json(request: web.Request, limit: int, body_timeout_seconds: float) -> Any:
     content_type = request.headers.get("Content-Type", "")
     if content_type.split(";", 1)[0].strip().lower() != "application/json":
         raise UnsupportedMediaTypeError("Content-Type must be application/json")
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLargeError(f"request body larger than {limit} bytes")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise PayloadTooLargeError(f"request body larger than {limit} bytes")
+    # The whole body, however many segments or chunks it arrives in; bounded in size (the app's
+    # client_max_size: 413) and in time (a body that trickles in is cut off: 408).
+    try:
+        async with asyncio.timeout(body_timeout_seconds):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeoutError("the request body did not arrive in time") from None
     try:
         return json.loads(raw)
     except (ValueError, RecursionError):
@@ -239,7 +254,14 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when config is loaded, Redis answers (if configured) and every credential is loaded."""
+    """Whether this replica can issue tokens: 503 only while it cannot at all (draining, or no app
+    credential ever loaded).
+
+    Shared dependencies (Redis, Key Vault, a credential Entra rejects) are reported in the body but do
+    not make the replica unready: every replica shares them, and taking all of them out of service
+    would turn a degradation into an outage (cached tokens would stop being served). The body names
+    no secret source; the reason is in the logs.
+    """
     app = request.app
     settings = app[SETTINGS]
     cache = app[CACHE]
@@ -250,19 +272,27 @@ async def readyz(request: web.Request) -> web.Response:
         checks["redis"] = {"status": "ok" if ok else "degraded"}
         if not ok:
             checks["redis"]["reason"] = cache.redis_last_error
+        elif not cache.key_loaded:
+            checks["redis"] = {"status": "degraded", "reason": "cache key not loaded: in-process cache only"}
     else:
         checks["redis"] = {"status": "disabled"}
-    missing = [name for name in settings.apps if not credentials.is_loaded(name)]
+    loaded = [name for name in settings.apps if credentials.is_loaded(name)]
+    missing = [name for name in settings.apps if name not in loaded]
     rejected = dict(credentials.rejected)
     checks["credentials"] = {"status": "ok" if not (missing or rejected) else "degraded"}
     if missing:
-        checks["credentials"].update(not_loaded=missing, reason=credentials.last_error)
+        checks["credentials"]["not_loaded"] = missing
     if rejected:
         checks["credentials"]["rejected_by_entra"] = rejected
-    ready = all(check["status"] in ("ok", "disabled") for check in checks.values())
-    return _json_response(
-        {"status": "ready" if ready else "degraded", "checks": checks}, status=200 if ready else 503
-    )
+    draining = app[DRAINING].is_set()
+    ready = bool(loaded) and not draining
+    if draining:
+        status = "draining"
+    elif not ready:
+        status = "not_ready"
+    else:
+        status = "ready" if all(c["status"] in ("ok", "disabled") for c in checks.values()) else "degraded"
+    return _json_response({"status": status, "checks": checks}, status=200 if ready else 503)
 
 
 async def openapi_document(request: web.Request) -> web.Response:

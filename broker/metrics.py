@@ -57,6 +57,13 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.upstream_unreachable = Counter(
+            "broker_upstream_unreachable",
+            "Entra token requests that could not reach Entra ID, by cause (dns, connection_refused, "
+            "connection_reset, tls, proxy, timeout, connection_error).",
+            ["cause"],
+            registry=r,
+        )
         self.singleflight_coalesced = Counter(
             "broker_singleflight_coalesced",
             "Requests that waited on another request's acquisition.",
@@ -99,6 +106,17 @@ class Metrics:
             "broker_credential_failures",
             "App credential rejected by Entra (after a reload) by app.",
             ["app"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "broker_rate_limited",
+            "Requests refused because the caller spent its Entra acquisition budget, by caller.",
+            ["caller"],
+            registry=r,
+        )
+        self.refused_connections = Counter(
+            "broker_refused_connections",
+            "Connections answered 503 and closed because max_connections were open.",
             registry=r,
         )
         self.background_task_failures = Counter(

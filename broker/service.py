@@ -21,10 +21,12 @@ import logging
 import math
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from broker.cache import Lease
+from broker.config import GUID_RE
 from broker.errors import (
     PERMANENT_TENANT_ERRORS,
     AccessDeniedError,
@@ -32,10 +34,12 @@ from broker.errors import (
     ConsentRequiredError,
     InsufficientConsentError,
     InvalidRequestError,
+    RateLimitedError,
     TemporarilyUnavailableError,
     ThrottledError,
     UpstreamError,
 )
+from broker.limits import AcquisitionBudget, FairScheduler
 from broker.tokens import AccessToken, TokenKey, TokenRequest, schedule_refresh
 
 if TYPE_CHECKING:
@@ -53,6 +57,9 @@ REFRESH_RETRY_SECONDS = 2.0
 MAX_UPSTREAM_ATTEMPTS = 6
 BACKOFF_BASE_SECONDS = 0.25
 BACKOFF_CAP_SECONDS = 4.0
+# Token lifetimes remembered per key, so a min_ttl Entra's tokens cannot satisfy is refused at once.
+MAX_REMEMBERED_LIFETIMES = 10_000
+REFRESH_PARTY = "(refresh)"  # the background refresh's share of the fair scheduler
 
 
 class TokenSource(Protocol):
@@ -70,6 +77,14 @@ class Issued:
     token: AccessToken
     app: str
     layer: str  # l1 | redis | entra | singleflight
+
+
+@dataclass(frozen=True, slots=True)
+class _Party:
+    """Who a flight acquires for: its budget and its turn in the fair scheduler."""
+
+    name: str
+    per_minute: int | None  # None: not budgeted (the background refresh)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +112,17 @@ class TokenBroker:
         self._metrics = metrics
         self._cache = cache
         self._source = source
-        self._inflight: dict[TokenKey, asyncio.Task[_Flight]] = {}
+        self._inflight: dict[TokenKey, tuple[asyncio.Task[_Flight], _Party]] = {}
+        # key -> (lifetime of a fresh token that was too short for a min_ttl, monotonic end of the
+        # memory): until then a min_ttl longer than that lifetime is refused without asking Entra.
+        self._lifetimes: OrderedDict[TokenKey, tuple[float, float]] = OrderedDict()
+        self._budget = AcquisitionBudget()
+        self._scheduler = FairScheduler(options.max_concurrent_acquisitions)
         self._refreshing: dict[TokenKey, float] = {}  # key -> monotonic time of the last attempt
         self._background: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
-        tasks = list(self._background) + list(self._inflight.values())
+        tasks = list(self._background) + [task for task, _ in self._inflight.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -140,7 +160,9 @@ class TokenBroker:
             layer = "l1"
         else:
             self._metrics.child(self._metrics.cache_lookups, "l1", "miss").inc()
-            token, layer = await self._fetch(key, min_ttl)
+            token, layer = await self._fetch(
+                key, min_ttl, _Party(caller.name, caller.max_acquisitions_per_minute)
+            )
         missing = token.missing_roles(request.roles)
         if missing:
             raise InsufficientConsentError(
@@ -150,31 +172,67 @@ class TokenBroker:
             )
         return Issued(token, key.app, layer)
 
-    async def _fetch(self, key: TokenKey, min_ttl: float) -> tuple[AccessToken, str]:
+    def app_name(self, requested: str | None) -> str | None:
+        """The app a request is for, when that is known (for the audit line of a refused request)."""
+        if requested is None:
+            return next(iter(self._apps)) if len(self._apps) == 1 else None
+        return requested if requested in self._apps else None
+
+    async def _fetch(self, key: TokenKey, min_ttl: float, party: _Party) -> tuple[AccessToken, str]:
         """Join or start this key's flight until a token valid for ``min_ttl`` comes back."""
+        known = self._lifetimes.get(key)
+        if known is not None and known[0] < min_ttl and time.monotonic() < known[1]:
+            raise self._short_lived(min_ttl)
         for _ in range(MAX_FLIGHT_ROUNDS):
-            task = self._inflight.get(key)
-            joined = task is not None and not task.done()
-            if task is None or not joined:
-                task = self._start_flight(key, min_ttl)
+            running = self._inflight.get(key)
+            joined = running is not None and not running[0].done()
+            if running is None or not joined:
+                task = self._start_flight(key, min_ttl, party)
+                flight_party = party
             else:
+                task, flight_party = running
                 self._metrics.singleflight_coalesced.inc()
-            # shield: a caller that disconnects must not cancel the acquisition others wait on.
-            flight = await asyncio.shield(task)
+            try:
+                # shield: a caller that disconnects must not cancel the acquisition others wait on.
+                flight = await asyncio.shield(task)
+            except RateLimitedError:
+                if flight_party.name != party.name:
+                    continue  # another caller's budget ran out, not ours: try with our own
+                raise
             if flight.token is None:
                 continue  # we joined a background refresh that stood down; start our own flight
             if flight.token.valid_for(min_ttl):
                 return flight.token, "singleflight" if joined else flight.layer
-        raise UpstreamError(
+            if flight.layer == "entra":
+                # A token fresh from Entra lives less than asked: another request would get the
+                # same. One upstream call, and the key's lifetime is remembered for the next ones.
+                self._remember_lifetime(key, flight.token)
+                raise self._short_lived(min_ttl)
+        raise self._short_lived(min_ttl)
+
+    def _remember_lifetime(self, key: TokenKey, token: AccessToken) -> None:
+        """Remember, like a permanent failure, how long ``key``'s fresh tokens live."""
+        until = time.monotonic() + self._options.negative_cache_seconds
+        self._lifetimes[key] = (token.remaining_seconds(), until)
+        self._lifetimes.move_to_end(key)
+        while len(self._lifetimes) > MAX_REMEMBERED_LIFETIMES:
+            self._lifetimes.popitem(last=False)
+
+    @staticmethod
+    def _short_lived(min_ttl: float) -> UpstreamError:
+        return UpstreamError(
             f"Entra ID issued a token that lives less than the requested min_ttl ({int(min_ttl)} s)"
         )
 
-    def _start_flight(self, key: TokenKey, min_ttl: float, *, refresh: bool = False) -> asyncio.Task[_Flight]:
-        task = asyncio.create_task(self._flight(key, min_ttl, refresh=refresh))
-        self._inflight[key] = task
+    def _start_flight(
+        self, key: TokenKey, min_ttl: float, party: _Party, *, refresh: bool = False
+    ) -> asyncio.Task[_Flight]:
+        task = asyncio.create_task(self._flight(key, min_ttl, party, refresh=refresh))
+        self._inflight[key] = (task, party)
 
         def done(finished: asyncio.Task[_Flight]) -> None:
-            if self._inflight.get(key) is finished:
+            running = self._inflight.get(key)
+            if running is not None and running[0] is finished:
                 del self._inflight[key]
             if not finished.cancelled():
                 finished.exception()  # retrieved here so an unawaited failure is not logged as lost
@@ -182,16 +240,19 @@ class TokenBroker:
         task.add_done_callback(done)
         return task
 
-    async def _flight(self, key: TokenKey, min_ttl: float, *, refresh: bool = False) -> _Flight:
+    async def _flight(
+        self, key: TokenKey, min_ttl: float, party: _Party, *, refresh: bool = False
+    ) -> _Flight:
         """One acquisition for ``key``: remembered failure, Redis, or the lease and Entra."""
         deadline = time.monotonic() + self._options.lease_seconds + self._options.upstream_timeout_seconds
         delay = POLL_FIRST_SECONDS
+        holder = self._cache.new_holder()
         while True:
             found = await self._cache.lookup(key)
             self._raise_if_failed(key, found.failure)
             if self._usable(key, found.token, min_ttl, refresh=refresh):
                 return _Flight(found.token, "redis")
-            async with self._cache.lease(key, self._options.lease_seconds) as lease:
+            async with self._cache.lease(key, self._options.lease_seconds, holder) as lease:
                 if lease is Lease.ACQUIRED:
                     # The holder before us may have stored its token just as we took the lease.
                     found = await self._cache.lookup(key)
@@ -199,7 +260,8 @@ class TokenBroker:
                     if self._usable(key, found.token, min_ttl, refresh=refresh):
                         return _Flight(found.token, "redis")
                 if lease is not Lease.HELD:
-                    return _Flight(await self._acquire(key, found.throttled_seconds), "entra")
+                    self._charge(party)
+                    return _Flight(await self._acquire(key, party, found.throttled_seconds), "entra")
             if refresh:
                 return _Flight(None, "other_replica")
             if time.monotonic() >= deadline:
@@ -208,6 +270,18 @@ class TokenBroker:
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 2, POLL_MAX_SECONDS)
+
+    def _charge(self, party: _Party) -> None:
+        """Spend one of the party's upstream acquisitions, or refuse with 429."""
+        if party.per_minute is None:
+            return
+        wait = self._budget.take(party.name, party.per_minute)
+        if wait > 0:
+            self._metrics.child(self._metrics.rate_limited, party.name).inc()
+            raise RateLimitedError(
+                f"caller {party.name!r} exceeded its {party.per_minute} Entra acquisitions per minute",
+                retry_after=wait,
+            )
 
     def _usable(self, key: TokenKey, token: AccessToken | None, min_ttl: float, *, refresh: bool) -> bool:
         """A shared token serves when it is valid for ``min_ttl`` (it is then kept in L1); a refresh
@@ -228,8 +302,15 @@ class TokenBroker:
             failure.consent_url = self._source.consent_url(key)
         raise failure
 
-    async def _acquire(self, key: TokenKey, throttled_seconds: float) -> AccessToken:
-        fresh = await self._acquire_with_retries(key, throttled_seconds)
+    async def _acquire(self, key: TokenKey, party: _Party, throttled_seconds: float) -> AccessToken:
+        fresh = await self._acquire_with_retries(key, party, throttled_seconds)
+        if GUID_RE.fullmatch(key.tenant) and fresh.tenant_id.lower() != key.tenant:
+            # A token for another tenant is never served nor cached, whatever Entra answered.
+            log.error(
+                "entra issued a token for another tenant; refusing it",
+                extra={"app": key.app, "tenant": key.tenant, "token_tid": fresh.tenant_id},
+            )
+            raise UpstreamError(f"Entra ID issued a token for another tenant than {key.tenant}")
         token = schedule_refresh(fresh, now=time.time(), jitter_unit=random.random())  # noqa: S311 - jitter, not security
         await self._cache.store(key, token)
         log.info(
@@ -245,7 +326,9 @@ class TokenBroker:
         )
         return token
 
-    async def _acquire_with_retries(self, key: TokenKey, throttled_seconds: float) -> AccessToken:
+    async def _acquire_with_retries(
+        self, key: TokenKey, party: _Party, throttled_seconds: float
+    ) -> AccessToken:
         """Entra, retried on transient failures with backoff inside ``upstream_retry_seconds``.
 
         A 429's Retry-After is honoured and shared through Redis, so other replicas hold off this
@@ -272,7 +355,9 @@ class TokenBroker:
                     )
                 await asyncio.sleep(wait)
             try:
-                return await self._source.acquire(key)
+                # A scheduler slot per Entra call, not per retry loop: a backoff holds no worker.
+                async with self._scheduler.slot(party.name):
+                    return await self._source.acquire(key)
             except PERMANENT_TENANT_ERRORS as exc:
                 await self._cache.remember(key, exc, self._options.negative_cache_seconds)
                 raise
@@ -284,7 +369,8 @@ class TokenBroker:
                     wait = exc.retry_after
                 else:
                     wait = random.uniform(0, min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**attempt))  # noqa: S311 - jitter
-        raise TemporarilyUnavailableError("Entra ID kept failing; retry later", retry_after=1)
+        reason = f" ({last_error.description})" if last_error is not None else ""
+        raise TemporarilyUnavailableError(f"Entra ID kept failing{reason}; retry later", retry_after=1)
 
     # --- refresh ahead ------------------------------------------------------------------------------
 
@@ -296,7 +382,7 @@ class TokenBroker:
         if last is not None and now - last < REFRESH_RETRY_SECONDS:
             return
         self._refreshing[key] = now
-        flight = self._start_flight(key, 0, refresh=True)
+        flight = self._start_flight(key, 0, _Party(REFRESH_PARTY, None), refresh=True)
         task = asyncio.create_task(self._refresh(key, flight))
         self._background.add(task)
         task.add_done_callback(self._background.discard)

@@ -47,13 +47,16 @@ def test_redis_down_fails_open_and_recovers(
         assert 200 == fresh.status_code, fresh.text
         assert time.monotonic() - started < 5
         ready = _ready(broker)
-        assert 503 == ready.status_code
+        # Degraded but still serving: readiness stays 200 (every replica shares Redis; pulling them
+        # all would turn a degradation into an outage).
+        assert 200 == ready.status_code
+        assert "degraded" == ready.json()["status"]
         assert "degraded" == ready.json()["checks"]["redis"]["status"]
         assert broker.metric("broker_redis_errors_total") >= 1
     finally:
         redis_server.start()
     deadline = time.monotonic() + 10
-    while _ready(broker).status_code != 200:
+    while _ready(broker).json()["checks"]["redis"]["status"] != "ok":
         assert time.monotonic() < deadline, _ready(broker).text
         time.sleep(0.2)
     ask(broker, world.soar_key, {"tenant": TENANT_C, "resource": DEFENDER})
@@ -175,7 +178,10 @@ def test_rejected_credential_is_flagged(world: World, start_broker: StartBroker)
     assert 502 == response.status_code
     assert 1 == broker.metric("broker_credential_failures_total")
     ready = _ready(broker)
-    assert 503 == ready.status_code
+    # Reported, not unready: every replica shares the app credential, and tokens already cached
+    # keep being served.
+    assert 200 == ready.status_code
+    assert "degraded" == ready.json()["status"]
     assert {"defender": "AADSTS7000215"} == ready.json()["checks"]["credentials"]["rejected_by_entra"]
 
 
