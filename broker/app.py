@@ -15,6 +15,7 @@ import logging
 import random
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -228,9 +229,10 @@ class _Refusal(asyncio.Protocol):
     )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - a TCP listener's transports
-        transport.write(self._ANSWER)
-        transport.close()
+        # A TCP listener's transport (uvloop's is not an asyncio.Transport subclass, hence the cast).
+        writer = cast("asyncio.WriteTransport", transport)
+        writer.write(self._ANSWER)
+        writer.close()
 
 
 async def _listen(runner: web.AppRunner, settings: Settings, metrics: Metrics) -> asyncio.Server:
