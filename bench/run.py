@@ -1,7 +1,7 @@
 """``make bench`` / ``python -m bench`` / ``python bench/run.py``: token-broker's performance targets,
 measured as ratios in one run on this machine.
 
-It starts, on loopback: a redis-server, the Entra ID + Key Vault emulator (``tests/emulator``), two
+It starts, on loopback: a redis-server, the Entra ID + Key Vault emulator (the ``emulator`` package), two
 broker processes configured as deployed (Redis + AES-GCM sealed shared cache, app secret in Key Vault,
 INFO logging with one ``broker.audit`` JSON line per request written to a log file) and the baseline
 (``bench/baseline.py``: a bare aiohttp app on uvloop). Then:
@@ -54,7 +54,7 @@ import requests  # noqa: E402
 
 from bench import loadgen  # noqa: E402
 from broker.callers import new_api_key  # noqa: E402
-from tests.emulator import Emulator, start_emulator  # noqa: E402
+from emulator import Emulator, start_emulator  # noqa: E402
 from tests.support import BrokerProcess, RedisServer, free_port  # noqa: E402
 
 APP_ID = "0f0e0d0c-0b0a-4999-8888-777766665555"

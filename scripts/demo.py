@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from broker.callers import new_api_key  # noqa: E402 - after the path tweak
 from broker.tokens import decode_claims  # noqa: E402
-from tests.emulator import start_emulator  # noqa: E402
-from tests.emulator.demo import CONTOSO_TENANT_ID, DEFENDER_CLIENT_ID, FABRIKAM_TENANT_ID  # noqa: E402
+from emulator import start_emulator  # noqa: E402
+from emulator.demo import CONTOSO_TENANT_ID, DEFENDER_CLIENT_ID, FABRIKAM_TENANT_ID  # noqa: E402
 from tests.support import BrokerProcess, RedisServer  # noqa: E402
 
 DEFENDER = "https://api.security.microsoft.com"

@@ -26,8 +26,8 @@ from azure.keyvault.secrets.aio import SecretClient
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from tests.emulator import Emulator, EmulatorError, make_certificate, start_emulator
-from tests.emulator.tokens import b64url
+from emulator import Emulator, EmulatorError, make_certificate, start_emulator
+from emulator.tokens import b64url
 
 TENANT = "aaaaaaaa-1111-4111-8111-00000000000a"
 TENANT_DOMAIN = "customer-a.onmicrosoft.com"

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from broker.callers import new_api_key
-from tests.emulator import Emulator
+from emulator import Emulator
 from tests.support import BrokerProcess
 
 APP_ID = "0f0e0d0c-0b0a-4999-8888-777766665555"

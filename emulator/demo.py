@@ -1,4 +1,4 @@
-"""The demo data set (``python -m tests.emulator --demo`` or ``Emulator.seed_demo()``).
+"""The demo data set (``python -m emulator --demo`` or ``Emulator.seed_demo()``).
 
 On top of the base state (vault tenant + broker identity) it adds:
 
@@ -22,7 +22,7 @@ from .state import VAULT_TENANT_ID, EmulatorState
 CONTOSO_TENANT_ID: Final = "c0c0c0c0-0000-4000-8000-000000000001"
 FABRIKAM_TENANT_ID: Final = "fa0fa0fa-0000-4000-8000-000000000002"
 DEFENDER_CLIENT_ID: Final = "11111111-2222-3333-4444-555555555555"
-DEFENDER_SECRET_NAME: Final = "defender-app-secret"
+DEFENDER_SECRET_NAME: Final = "defender-app-secret"  # noqa: S105 - a Key Vault secret name
 DEFENDER_XDR: Final = "https://api.security.microsoft.com"
 DEFENDER_ENDPOINT: Final = "https://api.securitycenter.microsoft.com"
 

@@ -33,7 +33,7 @@ VAULT_TENANT_DOMAINS: Final = ("emulator-home.onmicrosoft.com",)
 #: public fake value that exists only inside this emulator. These three values are also the
 #: defaults of deploy/docker-compose.yml (DEMO_BROKER_*): change them together.
 BROKER_CLIENT_ID: Final = "00000000-0000-0000-0000-00000000b0b1"
-BROKER_CLIENT_SECRET: Final = "demo-broker-secret"
+BROKER_CLIENT_SECRET: Final = "demo-broker-secret"  # noqa: S105 - a public fake, see above
 #: Audience Key Vault accepts and the resource its challenge names.
 VAULT_RESOURCE: Final = "https://vault.azure.net"
 
@@ -355,7 +355,7 @@ class EmulatorState:
         """A token lifetime in [lifetime, lifetime + jitter], as Entra randomises it."""
         if self.token_lifetime_jitter <= 0:
             return self.token_lifetime
-        return self.token_lifetime + random.randint(0, self.token_lifetime_jitter)
+        return self.token_lifetime + random.randint(0, self.token_lifetime_jitter)  # noqa: S311 - not a secret
 
     def set_token_lifetime(self, seconds: int, jitter_seconds: int = 0) -> None:
         """Set the lifetime of every token issued from now on."""

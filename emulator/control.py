@@ -1,6 +1,6 @@
 """The test control API under ``/_emulator/``: JSON in, JSON out, loopback callers only.
 
-Every operation of :class:`tests.emulator.client.Emulator` maps to one route here. Bad arguments
+Every operation of :class:`emulator.client.Emulator` maps to one route here. Bad arguments
 (unknown tenant or app, malformed GUID, unknown fault kind) answer 400 ``{"error": "..."}`` so a
 test fails at the line that configured the emulator wrongly, not later at an opaque token error.
 """
@@ -83,7 +83,7 @@ async def reset(request: web.Request) -> web.Response:
 
 
 async def seed_demo_route(request: web.Request) -> web.Response:
-    """Add the demo tenants and apps (see ``tests.emulator.demo``)."""
+    """Add the demo tenants and apps (see ``emulator.demo``)."""
     seed_demo(request.app[STATE])
     return web.json_response(_OK)
 

@@ -1,6 +1,6 @@
 """Serving the emulator: TLS material, the listening socket, the ready file, clean shutdown.
 
-:func:`run` is what ``python -m tests.emulator`` executes. It creates a throw-away trustme CA and a
+:func:`run` is what ``python -m emulator`` executes. It creates a throw-away trustme CA and a
 server certificate for 127.0.0.1/localhost (plus any extra names), writes the CA to
 ``{state_dir}/ca.pem``, listens, and only then writes ``{state_dir}/emulator.json`` atomically (a
 reader never sees a half-written file, and its existence means "accepting connections"). SIGTERM and

@@ -1,4 +1,4 @@
-"""Run the Entra ID + Key Vault emulator: ``python -m tests.emulator [options]``.
+"""Run the Entra ID + Key Vault emulator: ``python -m emulator [options]``.
 
 Options:
 
@@ -16,7 +16,7 @@ Options:
 ``--demo``
     Seed the demo data set: tenants contoso (``contoso.onmicrosoft.com``) and fabrikam, the
     Defender app ``11111111-2222-3333-4444-555555555555`` consented in contoso with Defender roles,
-    its client secret in the vault as ``defender-app-secret``. See ``tests.emulator.demo``.
+    its client secret in the vault as ``defender-app-secret``. See ``emulator.demo``.
 
 The broker's own Key Vault identity always exists: tenant ``state.VAULT_TENANT_ID``, client
 ``state.BROKER_CLIENT_ID``, secret ``state.BROKER_CLIENT_SECRET`` (a fake value). SIGTERM or
@@ -36,8 +36,8 @@ from .server import run
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments and serve until signalled."""
     parser = argparse.ArgumentParser(
-        prog="python -m tests.emulator",
-        description="Local TLS emulator of Microsoft Entra ID and Azure Key Vault for tests.",
+        prog="python -m emulator",
+        description="Local TLS emulator of Microsoft Entra ID and Azure Key Vault.",
     )
     parser.add_argument("--port", type=int, default=0, help="listen port (0: any free port)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
