@@ -16,11 +16,13 @@ a security boundary and holds nothing real: every secret in it is generated or a
 
 Run it with ``python -m emulator`` (see ``__main__``). Modules:
 
+* ``world``   — seed data (the demo, test and bench worlds, the base identities) and the broker
+  configuration pointed at a running emulator;
 * ``state``   — in-memory directory, vault, faults, request log (no I/O);
 * ``tokens``  — signing key, JWKS, client-assertion verification, test certificates;
 * ``entra``   — OIDC discovery, JWKS and v2/v1 token endpoints (Entra-shaped errors);
 * ``vault``   — Key Vault secret reads behind the bearer challenge;
-* ``control`` — the ``/_emulator/`` control API; ``demo`` — the ``--demo`` data set;
+* ``control`` — the ``/_emulator/`` control API;
 * ``app``     — the aiohttp app, request logging and fault injection middleware;
 * ``context`` — typed aiohttp keys and helpers shared by the HTTP modules;
 * ``server``  / ``__main__`` — TLS, listening, ready file (``python -m emulator``);

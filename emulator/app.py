@@ -17,8 +17,9 @@ from aiohttp import web
 from . import control, entra, vault
 from .context import REQUEST_INFO, SIGNING_KEY, STATE, RequestInfo
 from .entra import client_credentials, requested_resource
-from .state import ENDPOINTS, VAULT_TENANT_ID, EmulatorState, Fault, RequestRecord
+from .state import ENDPOINTS, EmulatorState, Fault, RequestRecord
 from .tokens import SigningKey
+from .world import VAULT_TENANT_ID
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

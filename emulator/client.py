@@ -22,7 +22,8 @@ import jwt
 import requests
 
 from .server import READY_FILE
-from .state import BROKER_CLIENT_ID, BROKER_CLIENT_SECRET, VAULT_RESOURCE, VAULT_TENANT_ID
+from .state import VAULT_RESOURCE
+from .world import BROKER_CLIENT_ID, BROKER_CLIENT_SECRET, VAULT_TENANT_ID
 
 _CONTROL_TIMEOUT: Final = 10.0
 
@@ -150,7 +151,7 @@ class Emulator:
         self._call("POST", "/reset")
 
     def seed_demo(self) -> None:
-        """Add the demo data set (see ``emulator.demo``)."""
+        """Add the demo world (``emulator.world.DEMO_WORLD``)."""
         self._call("POST", "/demo")
 
     def add_tenant(self, tenant_id: str, domains: Iterable[str] = ()) -> None:

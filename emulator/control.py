@@ -15,8 +15,8 @@ from typing import Any, Final
 from aiohttp import web
 
 from .context import SIGNING_KEY, STATE
-from .demo import seed_demo
 from .state import StateError
+from .world import DEMO_WORLD
 
 PREFIX: Final = "/_emulator"
 
@@ -83,8 +83,8 @@ async def reset(request: web.Request) -> web.Response:
 
 
 async def seed_demo_route(request: web.Request) -> web.Response:
-    """Add the demo tenants and apps (see ``emulator.demo``)."""
-    seed_demo(request.app[STATE])
+    """Add the demo world (``emulator.world.DEMO_WORLD``)."""
+    DEMO_WORLD.seed(request.app[STATE])
     return web.json_response(_OK)
 
 

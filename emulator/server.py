@@ -23,8 +23,8 @@ import trustme
 from aiohttp import web
 
 from .app import build_app
-from .demo import seed_demo
-from .state import BROKER_CLIENT_ID, VAULT_TENANT_ID, EmulatorState
+from .state import EmulatorState
+from .world import BROKER_CLIENT_ID, DEMO_WORLD, VAULT_TENANT_ID
 
 READY_FILE: Final = "emulator.json"
 CA_FILE: Final = "ca.pem"
@@ -60,7 +60,7 @@ async def serve(
     tls = make_server_tls(state_dir, [*DEFAULT_NAMES, *extra_names])
     state = EmulatorState()
     if demo:
-        seed_demo(state)
+        DEMO_WORLD.seed(state)
     # No access log: the control API's request log is the structured record, and an access
     # log line per request would only add noise to the test output.
     runner = web.AppRunner(build_app(state), access_log=None, handle_signals=False, shutdown_timeout=2.0)

@@ -25,15 +25,8 @@ from typing import Any, Final
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-#: The tenant the emulated Key Vault lives in. Fixed so a test run (and the ``Emulator`` handle)
-#: knows it without asking; it is recreated by every reset.
-VAULT_TENANT_ID: Final = "00000000-0000-0000-0000-00000000b0b0"
-VAULT_TENANT_DOMAINS: Final = ("emulator-home.onmicrosoft.com",)
-#: The broker's own identity to Key Vault: an app registered in the vault tenant. The secret is a
-#: public fake value that exists only inside this emulator. These three values are also the
-#: defaults of deploy/docker-compose.yml (DEMO_BROKER_*): change them together.
-BROKER_CLIENT_ID: Final = "00000000-0000-0000-0000-00000000b0b1"
-BROKER_CLIENT_SECRET: Final = "demo-broker-secret"  # noqa: S105 - a public fake, see above
+from .world import BROKER_CLIENT_ID, BROKER_CLIENT_SECRET, VAULT_TENANT_DOMAINS, VAULT_TENANT_ID
+
 #: Audience Key Vault accepts and the resource its challenge names.
 VAULT_RESOURCE: Final = "https://vault.azure.net"
 
@@ -224,7 +217,7 @@ class EmulatorState:
 
     # ------------------------------------------------------------------ lifecycle
     def reset(self) -> None:
-        """Empty everything, then recreate the vault tenant and the broker identity."""
+        """Empty everything, then recreate the base state: the vault tenant and the broker identity."""
         self.tenants.clear()
         self.apps.clear()
         self.consents.clear()

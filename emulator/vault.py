@@ -17,7 +17,8 @@ import jwt
 from aiohttp import web
 
 from .context import REQUEST_INFO, SIGNING_KEY, STATE, base_url
-from .state import VAULT_RESOURCE, VAULT_TENANT_ID, SecretVersion, VaultSecret
+from .state import VAULT_RESOURCE, SecretVersion, VaultSecret
+from .world import VAULT_TENANT_ID
 
 _VERSION: Final = re.compile(r"^[0-9a-fA-F]{32}$")
 _RECOVERY_LEVEL: Final = "Recoverable+Purgeable"
