@@ -22,7 +22,7 @@ Run it with ``python -m emulator`` (see ``__main__``). Modules:
 * ``tokens``  — signing key, JWKS, client-assertion verification, test certificates;
 * ``entra``   — OIDC discovery, JWKS and v2/v1 token endpoints (Entra-shaped errors);
 * ``vault``   — Key Vault secret reads behind the bearer challenge;
-* ``control`` — the ``/_emulator/`` control API;
+* ``control`` — the control API, ``POST /_emulator/{operation}``, derived from ``state``;
 * ``app``     — the aiohttp app, request logging and fault injection middleware;
 * ``context`` — typed aiohttp keys and helpers shared by the HTTP modules;
 * ``server``  / ``__main__`` — TLS, listening, ready file (``python -m emulator``);
