@@ -1,4 +1,4 @@
-"""``make bench`` / ``python -m bench`` / ``python bench/run.py``: token-broker's performance targets,
+"""``make bench`` / ``python -m bench`` (from the repository root): token-broker's performance targets,
 measured as ratios in one run on this machine.
 
 It starts, on loopback: a redis-server, the Entra ID + Key Vault emulator (the ``emulator`` package), two
@@ -45,17 +45,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import requests
+
+from bench import loadgen
+from broker.callers import new_api_key
+from emulator import Emulator, start_emulator
+from emulator.stack import BrokerProcess, RedisServer, free_port
+from emulator.world import BENCH_WORLD, DEFENDER_XDR, broker_config, broker_environment
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import requests  # noqa: E402
-
-from bench import loadgen  # noqa: E402
-from broker.callers import new_api_key  # noqa: E402
-from emulator import Emulator, start_emulator  # noqa: E402
-from emulator.world import BENCH_WORLD, DEFENDER_XDR, broker_config, broker_environment  # noqa: E402
-from tests.support import BrokerProcess, RedisServer, free_port  # noqa: E402
 
 URL_PATH = "/v1/token"
 SMALL_SET = 10

@@ -16,13 +16,11 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from broker.callers import new_api_key  # noqa: E402 - after the path tweak
-from broker.tokens import decode_claims  # noqa: E402
-from emulator import start_emulator  # noqa: E402
-from emulator.world import (  # noqa: E402
+from broker.callers import new_api_key
+from broker.tokens import decode_claims
+from emulator import start_emulator
+from emulator.stack import BrokerProcess, RedisServer
+from emulator.world import (
     CONTOSO_TENANT_ID,
     DEFENDER_CLIENT_ID,
     DEFENDER_XDR,
@@ -31,7 +29,6 @@ from emulator.world import (  # noqa: E402
     broker_config,
     broker_environment,
 )
-from tests.support import BrokerProcess, RedisServer  # noqa: E402
 
 
 def step(title: str) -> None:
@@ -89,7 +86,6 @@ def main() -> int:
             capture_output=True,
             text=True,
             check=True,
-            cwd=ROOT,
         )
         print("   " + link.stdout.strip())
 
