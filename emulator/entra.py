@@ -65,7 +65,7 @@ def entra_error(
     message: str,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    """An Entra-shaped OAuth error response (the body of FIELD-NOTES #8)."""
+    """An Entra-shaped OAuth error response, with the body and headers Entra's token endpoint sends."""
     trace_id = str(uuid.uuid4())
     # Entra echoes the caller's client-request-id (MSAL sends one) as the correlation id.
     correlation_id = request.headers.get("client-request-id") or str(uuid.uuid4())

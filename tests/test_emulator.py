@@ -1,8 +1,9 @@
 """Tests of the Entra ID + Key Vault emulator, driven by the real SDK clients.
 
 MSAL, azure-identity and the Key Vault SDK are used exactly as production code would use them,
-with only the options FIELD-NOTES lists for a local TLS endpoint. Raw ``requests`` calls check
-wire-level details (status codes, headers, body shapes) the SDKs hide.
+with only the options any local TLS endpoint needs (the emulator's CA, MSAL's
+``instance_discovery=False``, Key Vault's ``verify_challenge_resource=False``). Raw ``requests``
+calls check wire-level details (status codes, headers, body shapes) the SDKs hide.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def make_cca(
     credential: str | dict[str, str],
     client_id: str = APP,
 ) -> msal.ConfidentialClientApplication:
-    """A real MSAL confidential client pointed at the emulator (FIELD-NOTES options only)."""
+    """A real MSAL confidential client pointed at the emulator: a local authority needs only
+    ``instance_discovery=False`` (no lookup at login.microsoftonline.com) and a session trusting
+    its CA; ``azure_region=False`` as for any multi-tenant app."""
     return msal.ConfidentialClientApplication(
         client_id,
         client_credential=credential,
