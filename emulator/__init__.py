@@ -18,8 +18,9 @@ Run it with ``python -m emulator`` (see ``__main__``). Modules:
 
 * ``world``   — seed data (the demo, test and bench worlds, the base identities) and the broker
   configuration pointed at a running emulator;
-* ``state``   — in-memory directory, vault, faults, request log (no I/O);
 * ``tokens``  — signing key, JWKS, client-assertion verification, test certificates;
+* ``state``   — in-memory directory, vault, faults, request log (no I/O), and the control
+  operations, each written once as an ``@operation`` method;
 * ``entra``   — OIDC discovery, JWKS and v2/v1 token endpoints (Entra-shaped errors);
 * ``vault``   — Key Vault secret reads behind the bearer challenge;
 * ``control`` — the control API, ``POST /_emulator/{operation}``, derived from ``state``;
@@ -27,6 +28,7 @@ Run it with ``python -m emulator`` (see ``__main__``). Modules:
 * ``context`` — typed aiohttp keys and helpers shared by the HTTP modules;
 * ``server``  / ``__main__`` — TLS, listening, ready file (``python -m emulator``);
 * ``client``  — :class:`Emulator` (sync control handle) and :func:`start_emulator`;
+* ``stack``   — the redis-server and ``token-broker serve`` processes a local stack runs with it;
 * ``pytest_plugin`` — the ``emulator_process`` / ``emulator`` fixtures.
 """
 
