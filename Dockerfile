@@ -39,14 +39,15 @@ RUN pip install --no-cache-dir . \
     && pip check
 
 # ---------------------------------------------------------------------------------------------------------
-# dev: build stage plus the [test] extras. Used by deploy/docker-compose.yml to run the Entra ID / Key Vault
-# emulator (python -m tests.emulator) with the repository's tests/ mounted; never shipped.
+# dev: build stage plus the emulator package and its [emulator] extra. Used by deploy/docker-compose.yml to run
+# the Entra ID / Key Vault emulator (python -m emulator); never shipped (the runtime stage copies the build
+# stage's virtualenv, which holds the broker only).
 FROM build AS dev
-# The [test] extras are range-pinned in pyproject.toml; this stage is for local demos only.
+COPY emulator ./emulator
+# The [emulator] extra is range-pinned in pyproject.toml; this stage is for local demos only.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[test]" \
+RUN pip install --no-cache-dir ".[emulator]" \
     && install -d -o 10001 -g 10001 -m 0750 /state
-ENV PYTHONPATH=/src
 USER 10001:10001
 
 # ---------------------------------------------------------------------------------------------------------

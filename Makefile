@@ -22,7 +22,7 @@ run: $(STAMP)  ## run the service (BROKER_CONFIG or the embedded defaults; see R
 	$(BIN)/token-broker serve
 
 lint: $(STAMP)  ## ruff and mypy --strict
-	$(BIN)/ruff check broker tests scripts bench
+	$(BIN)/ruff check broker tests scripts bench emulator
 	$(BIN)/mypy
 
 unit: $(STAMP)  ## the test suite only

@@ -1,6 +1,6 @@
 """token-broker's benchmark suite (``make bench`` / ``python -m bench``); not part of the test suite.
 
-See ``bench/README.md``: it measures the performance targets of PRODUCT.md as ratios taken in one
-run on one machine (cache-hit path against a bare aiohttp baseline, the cold herd across three
-replicas, flat lookup with 10 vs N cached tenants).
+See ``bench/README.md``: it measures the performance targets (README.md, *Performance*) as ratios
+taken in one run on one machine (cache-hit path against a bare aiohttp baseline, the cold herd
+across three replicas, flat lookup with 10 vs N cached tenants).
 """

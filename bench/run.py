@@ -1,7 +1,7 @@
-"""``make bench`` / ``python -m bench`` / ``python bench/run.py``: token-broker's performance targets,
+"""``make bench`` / ``python -m bench`` (from the repository root): token-broker's performance targets,
 measured as ratios in one run on this machine.
 
-It starts, on loopback: a redis-server, the Entra ID + Key Vault emulator (``tests/emulator``), two
+It starts, on loopback: a redis-server, the Entra ID + Key Vault emulator (the ``emulator`` package), two
 broker processes configured as deployed (Redis + AES-GCM sealed shared cache, app secret in Key Vault,
 INFO logging with one ``broker.audit`` JSON line per request written to a log file) and the baseline
 (``bench/baseline.py``: a bare aiohttp app on uvloop). Then:
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -46,23 +45,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import requests
+
+from bench import loadgen
+from broker.callers import new_api_key
+from emulator import Emulator, start_emulator
+from emulator.stack import BrokerProcess, RedisServer, free_port
+from emulator.world import BENCH_WORLD, DEFENDER_XDR, broker_config, broker_environment
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import requests  # noqa: E402
-
-from bench import loadgen  # noqa: E402
-from broker.callers import new_api_key  # noqa: E402
-from tests.emulator import Emulator, start_emulator  # noqa: E402
-from tests.support import BrokerProcess, RedisServer, free_port  # noqa: E402
-
-APP_ID = "0f0e0d0c-0b0a-4999-8888-777766665555"
-HOME_TENANT = "aaaaaaaa-1111-4111-8111-aaaaaaaaaaaa"
-DEFENDER = "https://api.security.microsoft.com"
-ROLES = ["Incident.Read.All", "AdvancedHunting.Read.All"]
-APP_SECRET_NAME = "defender-app-secret"  # noqa: S105 - a Key Vault secret name
-CACHE_KEY_NAME = "broker-cache-key"
 URL_PATH = "/v1/token"
 SMALL_SET = 10
 
@@ -95,11 +87,7 @@ class World:
 
 
 def build_world(emulator: Emulator, redis: RedisServer, n_warm: int, n_herd: int, workers: int = 4) -> World:
-    app_secret = base64.b64encode(os.urandom(24)).decode()
-    emulator.add_tenant(HOME_TENANT)
-    emulator.add_app(APP_ID, home_tenant=HOME_TENANT, secret=app_secret)
-    emulator.set_secret(APP_SECRET_NAME, app_secret)
-    emulator.set_secret(CACHE_KEY_NAME, base64.b64encode(os.urandom(32)).decode())
+    BENCH_WORLD.seed(emulator)
     warm = [tenant_id(i) for i in range(1, n_warm + 1)]
     herd = [tenant_id(i, 1) for i in range(1, n_herd + 1)]
     local = threading.local()
@@ -108,37 +96,19 @@ def build_world(emulator: Emulator, redis: RedisServer, n_warm: int, n_herd: int
         handle = getattr(local, "emulator", None)
         if handle is None:
             handle = local.emulator = Emulator(emulator.base_url, emulator.ca_path)
-        handle.add_tenant(tenant)
-        handle.grant(tenant, APP_ID, DEFENDER, ROLES)
+        BENCH_WORLD.add_customer(handle, tenant)
 
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(add, warm + herd))
     key, key_hash = new_api_key()
-    identity = emulator.broker_identity
-    config = {
-        "authority_host": emulator.base_url,
-        "key_vault_url": emulator.base_url,
-        "key_vault_verify_challenge_resource": False,
-        "azure_credential": "environment",
-        "outbound_ca_file": str(emulator.ca_path),
-        "log_level": "INFO",  # as deployed: one broker.audit JSON line per request, to a file
-        "redis_url": redis.url,
-        "cache_encryption_key": {"secret": CACHE_KEY_NAME},
-        "apps": {
-            "defender": {
-                "client_id": APP_ID,
-                "credential": {"secret": APP_SECRET_NAME},
-                "resources": [DEFENDER],
-            }
-        },
-        "callers": {"bench": {"api_key_sha256": key_hash, "tenants": ["*"], "apps": ["defender"]}},
-    }
-    env = {
-        "AZURE_TENANT_ID": identity.tenant_id,
-        "AZURE_CLIENT_ID": identity.client_id,
-        "AZURE_CLIENT_SECRET": identity.client_secret,
-        "AZURE_AUTHORITY_HOST": emulator.base_url,
-    }
+    config = broker_config(
+        emulator,
+        BENCH_WORLD,
+        {"bench": BENCH_WORLD.caller(key_hash)},
+        redis_url=redis.url,
+        log_level="INFO",  # as deployed: one broker.audit JSON line per request, to a file
+    )
+    env = broker_environment(emulator)
     return World(emulator, redis, key, config, env, warm, herd)
 
 
@@ -199,7 +169,7 @@ async def _post_all(
 
         async def one(base_url: str, tenant: str) -> int:
             async with semaphore:
-                body = json.dumps({"tenant": tenant, "resource": DEFENDER})
+                body = json.dumps({"tenant": tenant, "resource": DEFENDER_XDR})
                 async with session.post(f"{base_url}{URL_PATH}", data=body, headers=headers) as response:
                     await response.read()
                     return response.status
@@ -282,7 +252,13 @@ def drive(target: Target, args: argparse.Namespace, key: str, seconds: float) ->
         )
     else:
         result = loadgen.run_python(
-            target.url, target.tenants, key, DEFENDER, URL_PATH, connections=args.connections, seconds=seconds
+            target.url,
+            target.tenants,
+            key,
+            DEFENDER_XDR,
+            URL_PATH,
+            connections=args.connections,
+            seconds=seconds,
         )
     cpu = process_cpu_seconds(target.pid) - cpu_before
     result["server_cpu_s"] = round(cpu, 3)
@@ -325,8 +301,9 @@ def run_rounds(targets: Sequence[Target], args: argparse.Namespace, key: str) ->
 def cold_herd(world: World, herd: Sequence[BrokerProcess], n_requests: int) -> dict[str, Any]:
     """``herd``: replicas started with the others but never asked anything yet (empty L1)."""
     replicas = len(herd)
+    app_id = BENCH_WORLD.app.client_id
     try:
-        seen_before = {e["tenant_id"] for e in world.emulator.requests("token", client_id=APP_ID)} & set(
+        seen_before = {e["tenant_id"] for e in world.emulator.requests("token", client_id=app_id)} & set(
             world.herd_tenants
         )
         if seen_before:
@@ -338,7 +315,7 @@ def cold_herd(world: World, herd: Sequence[BrokerProcess], n_requests: int) -> d
         statuses, wall = post_all(jobs, world.caller_key, concurrency=None)
         herd_set = set(world.herd_tenants)
         upstream = [
-            e for e in world.emulator.requests("token", client_id=APP_ID) if e["tenant_id"] in herd_set
+            e for e in world.emulator.requests("token", client_id=app_id) if e["tenant_id"] in herd_set
         ]
         ok = sum(1 for s in statuses if s == 200)
         return {
@@ -520,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         sample = requests.post(
             f"{big.url}{URL_PATH}",
-            json={"tenant": world.warm_tenants[0], "resource": DEFENDER},
+            json={"tenant": world.warm_tenants[0], "resource": DEFENDER_XDR},
             headers={"Authorization": f"Bearer {world.caller_key}"},
             timeout=10,
         )
@@ -530,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         baseline_bytes = len(
             requests.post(
                 f"{baseline.url}{URL_PATH}",
-                json={"tenant": world.warm_tenants[0], "resource": DEFENDER},
+                json={"tenant": world.warm_tenants[0], "resource": DEFENDER_XDR},
                 timeout=10,
             ).content
         )
@@ -544,10 +521,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         if args.loadgen == "wrk":
             targets[0].script = targets[1].script = loadgen.write_wrk_script(
-                work / "tenants-all.lua", world.warm_tenants, world.caller_key, DEFENDER, URL_PATH
+                work / "tenants-all.lua", world.warm_tenants, world.caller_key, DEFENDER_XDR, URL_PATH
             )
             targets[2].script = loadgen.write_wrk_script(
-                work / f"tenants-{SMALL_SET}.lua", targets[2].tenants, world.caller_key, DEFENDER, URL_PATH
+                work / f"tenants-{SMALL_SET}.lua",
+                targets[2].tenants,
+                world.caller_key,
+                DEFENDER_XDR,
+                URL_PATH,
             )
         l1_before = [l1_counts(big), l1_counts(small)]
         t0 = time.monotonic()

@@ -230,8 +230,8 @@ def check_compose(compose_file, dockerfile, schema_file):
     sub = dict(schema["properties"]["config"], definitions=schema["definitions"])
     jsonschema.validate({k: v for k, v in cfg.items() if k not in ("listen", "metrics")}, sub)
     emu = svcs["emulator"]["command"]
-    if emu[:3] != ["python", "-m", "tests.emulator"]:
-        fail("emulator must run python -m tests.emulator")
+    if emu[:3] != ["python", "-m", "emulator"]:
+        fail("emulator must run python -m emulator")
     print("services: " + ", ".join(svcs))
 
 if __name__ == "__main__":

@@ -1,15 +1,13 @@
 """`make demo`: the whole flow on this machine, then everything it started is stopped.
 
-Starts a redis-server, the Entra ID + Key Vault emulator (demo data: tenant contoso has consented the
-Defender app, fabrikam has not; the app secret lives only in the emulated Key Vault) and two broker
-replicas sharing Redis; then asks for tokens and prints what happened.
+Starts a redis-server, the Entra ID + Key Vault emulator (its demo world: tenant contoso has consented
+the Defender app, fabrikam has not; the app secret and the cache key live only in the emulated Key
+Vault) and two broker replicas sharing Redis; then asks for tokens and prints what happened.
 """
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -18,16 +16,19 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from broker.callers import new_api_key  # noqa: E402 - after the path tweak
-from broker.tokens import decode_claims  # noqa: E402
-from tests.emulator import start_emulator  # noqa: E402
-from tests.emulator.demo import CONTOSO_TENANT_ID, DEFENDER_CLIENT_ID, FABRIKAM_TENANT_ID  # noqa: E402
-from tests.support import BrokerProcess, RedisServer  # noqa: E402
-
-DEFENDER = "https://api.security.microsoft.com"
+from broker.callers import new_api_key
+from broker.tokens import decode_claims
+from emulator import start_emulator
+from emulator.stack import BrokerProcess, RedisServer
+from emulator.world import (
+    CONTOSO_TENANT_ID,
+    DEFENDER_CLIENT_ID,
+    DEFENDER_XDR,
+    DEMO_WORLD,
+    FABRIKAM_TENANT_ID,
+    broker_config,
+    broker_environment,
+)
 
 
 def step(title: str) -> None:
@@ -50,31 +51,9 @@ def main() -> int:
         redis.start()
         emulator = start_emulator(work / "emulator", demo=True)
         key, key_hash = new_api_key()
-        identity = emulator.broker_identity
-        env = {
-            "AZURE_TENANT_ID": identity.tenant_id,
-            "AZURE_CLIENT_ID": identity.client_id,
-            "AZURE_CLIENT_SECRET": identity.client_secret,
-            "AZURE_AUTHORITY_HOST": emulator.base_url,
-            "BROKER_DEMO_CACHE_KEY": base64.b64encode(os.urandom(32)).decode(),
-        }
-        config = {
-            "authority_host": emulator.base_url,
-            "key_vault_url": emulator.vault_url,
-            "key_vault_verify_challenge_resource": False,
-            "azure_credential": "environment",
-            "outbound_ca_file": str(emulator.ca_path),
-            "redis_url": redis.url,
-            "cache_encryption_key": {"env": "BROKER_DEMO_CACHE_KEY"},
-            "apps": {
-                "defender": {
-                    "client_id": DEFENDER_CLIENT_ID,
-                    "credential": {"secret": "defender-app-secret"},
-                    "resources": [DEFENDER],
-                }
-            },
-            "callers": {"demo": {"api_key_sha256": key_hash, "tenants": ["*"], "apps": ["defender"]}},
-        }
+        env = broker_environment(emulator)
+        callers = {"demo": DEMO_WORLD.caller(key_hash)}
+        config = broker_config(emulator, DEMO_WORLD, callers, redis_url=redis.url)
         for name in ("replica-1", "replica-2"):
             replicas.append(BrokerProcess(work, config, env, name))
             replicas[-1].start()
@@ -85,7 +64,7 @@ def main() -> int:
             return requests.post(
                 f"{replica.url}/v1/token",
                 timeout=30,
-                json={"tenant": tenant, "resource": DEFENDER},
+                json={"tenant": tenant, "resource": DEFENDER_XDR},
                 headers={"Authorization": f"Bearer {key}"},
             )
 
@@ -107,7 +86,6 @@ def main() -> int:
             capture_output=True,
             text=True,
             check=True,
-            cwd=ROOT,
         )
         print("   " + link.stdout.strip())
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.support import BrokerProcess, RedisServer
 
-pytest_plugins = ["tests.emulator.pytest_plugin"]
+pytest_plugins = ["emulator.pytest_plugin"]
 
 
 @pytest.fixture(scope="session")

@@ -1,47 +1,22 @@
-"""Real processes for the tests: a redis-server on a free port and token-broker itself.
-
-Nothing here is a fake: ``RedisServer`` runs Debian's redis-server, ``BrokerProcess`` runs
-``token-broker serve`` exactly as an operator would, configured by a YAML file.
+"""Helpers for the tests: the CLI runner and in-thread fake servers; the real processes come from
+``emulator.stack`` (a redis-server on a free port and token-broker itself), re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
-import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
-from typing import Any
 
-import requests
-import yaml
 from aiohttp import web
 
-STARTUP_TIMEOUT_SECONDS = 20.0
+from emulator.stack import STARTUP_TIMEOUT_SECONDS, BrokerProcess, RedisServer, free_port
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{what} not ready after {timeout} s")
+__all__ = ["BrokerProcess", "RedisServer", "free_port", "run_cli", "serve_in_thread"]
 
 
 def run_cli(
@@ -56,155 +31,6 @@ def run_cli(
         check=check,
         env=env,
     )
-
-
-class RedisServer:
-    """A throwaway redis-server bound to 127.0.0.1 on a free port, persisting nothing."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed (make install puts it there)")
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-                "--loglevel",
-                "warning",
-                "--enable-debug-command",
-                "local",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        _wait_until(self.ping, STARTUP_TIMEOUT_SECONDS, "redis-server")
-
-    def ping(self) -> bool:
-        try:
-            return b"PONG" in self.command(b"PING")
-        except OSError:
-            return False
-
-    def command(self, *parts: bytes, timeout: float = 2) -> bytes:
-        """Send one RESP command and return the raw reply (enough for PING/FLUSHALL in fixtures)."""
-        payload = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
-            sock.sendall(payload)
-            return sock.recv(65536)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
-
-
-class BrokerProcess:
-    """``token-broker serve --config FILE`` as a child process, with its log captured."""
-
-    def __init__(
-        self, workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None, name: str = "broker"
-    ) -> None:
-        self.workdir = workdir
-        self.config_path = workdir / f"{name}.yaml"
-        self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-        self.log_path = workdir / f"{name}.log"
-        self.port = free_port()
-        self.metrics_port = free_port()
-        self.env = {**os.environ, **(env or {})}
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "broker.cli",
-                "serve",
-                "--config",
-                str(self.config_path),
-                "--port",
-                str(self.port),
-                "--metrics-port",
-                str(self.metrics_port),
-            ],
-            stdout=self._log,
-            stderr=self._log,
-            env=self.env,
-        )
-        _wait_until(self._healthy, STARTUP_TIMEOUT_SECONDS, f"broker (log: {self.log_path})")
-
-    def _healthy(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"broker exited with {self.process.returncode}: {self.log_text()}")
-        try:
-            return requests.get(f"{self.url}/healthz", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        """Every log line, parsed: raises if one is not a JSON object."""
-        return [json.loads(line) for line in self.log_text().splitlines() if line.strip()]
-
-    def audit_lines(self) -> list[dict[str, Any]]:
-        """The ``broker.audit`` lines: one per token request that reached this broker."""
-        return [line for line in self.log_lines() if line.get("logger") == "broker.audit"]
-
-    def metrics_text(self) -> str:
-        return requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
-
-    def metric_samples(self) -> dict[str, float]:
-        """Every sample of the exposition, keyed by its name and labels as printed."""
-        samples = {}
-        for line in self.metrics_text().splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                samples[name] = float(value)
-        return samples
-
-    def metric(self, name: str) -> float:
-        """The sum of every sample of ``name``, over all its label sets."""
-        return sum(v for k, v in self.metric_samples().items() if k == name or k.startswith(name + "{"))
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
-        if self.process is None:
-            return None
-        with contextlib.suppress(ProcessLookupError):
-            self.process.send_signal(sig)
-        try:
-            code = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait(timeout=5)
-        self.process = None
-        self._log.close()
-        return code
 
 
 @contextlib.contextmanager

@@ -1,8 +1,9 @@
 """Tests of the Entra ID + Key Vault emulator, driven by the real SDK clients.
 
 MSAL, azure-identity and the Key Vault SDK are used exactly as production code would use them,
-with only the options FIELD-NOTES lists for a local TLS endpoint. Raw ``requests`` calls check
-wire-level details (status codes, headers, body shapes) the SDKs hide.
+with only the options any local TLS endpoint needs (the emulator's CA, MSAL's
+``instance_discovery=False``, Key Vault's ``verify_challenge_resource=False``). Raw ``requests``
+calls check wire-level details (status codes, headers, body shapes) the SDKs hide.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from azure.keyvault.secrets.aio import SecretClient
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from tests.emulator import Emulator, EmulatorError, make_certificate, start_emulator
-from tests.emulator.tokens import b64url
+from emulator import Emulator, EmulatorError, make_certificate, start_emulator
+from emulator.client import remote
+from emulator.state import OPERATIONS
+from emulator.tokens import b64url
 
 TENANT = "aaaaaaaa-1111-4111-8111-00000000000a"
 TENANT_DOMAIN = "customer-a.onmicrosoft.com"
@@ -76,7 +79,9 @@ def make_cca(
     credential: str | dict[str, str],
     client_id: str = APP,
 ) -> msal.ConfidentialClientApplication:
-    """A real MSAL confidential client pointed at the emulator (FIELD-NOTES options only)."""
+    """A real MSAL confidential client pointed at the emulator: a local authority needs only
+    ``instance_discovery=False`` (no lookup at login.microsoftonline.com) and a session trusting
+    its CA; ``azure_region=False`` as for any multi-tenant app."""
     return msal.ConfidentialClientApplication(
         client_id,
         client_credential=credential,
@@ -682,6 +687,28 @@ def test_control_api_rejects_bad_arguments(emulator: Emulator) -> None:
         emulator.add_app(APP, home_tenant="nowhere.example")
     with pytest.raises(EmulatorError, match="kind must be"):
         emulator.add_fault("token", "teapot")
+
+
+def test_control_api_checks_arguments_against_the_operation(emulator: Emulator) -> None:
+    """Arguments are checked against the state method's signature before it runs: types, names,
+    required ones; an unknown operation is a 404."""
+    with pytest.raises(EmulatorError, match="'count' must be an integer"):
+        emulator.call("add_fault", {"endpoint": "token", "kind": "500", "count": True})
+    with pytest.raises(EmulatorError, match=r"needs argument\(s\) \['client_id', 'resource'\]"):
+        emulator.call("grant", {"tenant": TENANT})
+    with pytest.raises(EmulatorError, match="takes no argument"):
+        emulator.call("reset", {"everything": True})
+    with pytest.raises(EmulatorError, match="HTTP 404"):
+        emulator.call("format_disk")
+    with pytest.raises(TypeError):
+        emulator.grant(TENANT)  # type: ignore[call-arg]  # bound to the signature before sending
+    assert [] == emulator.faults()
+
+
+def test_client_offers_every_control_operation() -> None:
+    """Every operation written in EmulatorState is an Emulator method of the same name."""
+    offered = {name for name, value in vars(Emulator).items() if isinstance(value, remote)}
+    assert set(OPERATIONS) == offered
 
 
 # --------------------------------------------------------------------------- process / demo

@@ -1,33 +1,53 @@
-"""A small world in the emulator (tenants, an app, consents, Key Vault secrets) and its broker config."""
+"""The test world in the emulator (``emulator.world.TEST_WORLD``) and the broker config that goes with it."""
 
 from __future__ import annotations
 
-import base64
-import copy
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import requests
 
 from broker.callers import new_api_key
-from tests.emulator import Emulator
+from emulator import Emulator
+from emulator.world import (
+    DEFENDER_ENDPOINT,
+    DEFENDER_XDR,
+    DOMAIN_C,
+    GRAPH,
+    TENANT_A,
+    TENANT_B,
+    TENANT_C,
+    TENANT_MISSING,
+    TENANT_UNCONSENTED,
+    TEST_APP_ID,
+    TEST_WORLD,
+    XDR_ROLES,
+    broker_config,
+    broker_environment,
+)
 from tests.support import BrokerProcess
 
-APP_ID = "0f0e0d0c-0b0a-4999-8888-777766665555"
-TENANT_A = "aaaaaaaa-1111-4111-8111-aaaaaaaaaaaa"
-TENANT_B = "bbbbbbbb-2222-4222-8222-bbbbbbbbbbbb"
-TENANT_C = "cccccccc-3333-4333-8333-cccccccccccc"
-DOMAIN_C = "fabrikam.onmicrosoft.com"
-TENANT_UNCONSENTED = "dddddddd-4444-4444-8444-dddddddddddd"
-TENANT_MISSING = "eeeeeeee-5555-4555-8555-eeeeeeeeeeee"
-DEFENDER = "https://api.security.microsoft.com"
-MDE = "https://api.securitycenter.microsoft.com"
-GRAPH = "https://graph.microsoft.com"
-ROLES = ["Incident.Read.All", "AdvancedHunting.Read.All"]
-APP_SECRET_NAME = "defender-app-secret"
-CACHE_KEY_NAME = "broker-cache-key"
+# The names the functional tests use for the test world's identifiers.
+__all__ = [
+    "APP_ID",
+    "DEFENDER",
+    "DOMAIN_C",
+    "GRAPH",
+    "MDE",
+    "ROLES",
+    "TENANT_A",
+    "TENANT_B",
+    "TENANT_C",
+    "TENANT_MISSING",
+    "TENANT_UNCONSENTED",
+    "World",
+    "ask",
+]
+APP_ID = TEST_APP_ID
+DEFENDER = DEFENDER_XDR
+MDE = DEFENDER_ENDPOINT
+ROLES = list(XDR_ROLES)
 
 
 @dataclass
@@ -39,64 +59,34 @@ class World:
     cache_key: str
     soar_key: str
     hunter_key: str
-    config: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
+    callers: dict[str, dict[str, Any]]
+    env: dict[str, str]
 
     def broker_config(self, redis_url: str | None = None, **overrides: Any) -> dict[str, Any]:
-        config = copy.deepcopy({**self.config, **overrides})
-        if redis_url is not None:
-            config["redis_url"] = redis_url
-            config["cache_encryption_key"] = {"secret": CACHE_KEY_NAME}
-        return config
+        settings = {"log_level": "DEBUG", "credential_min_reload_seconds": 0, **overrides}
+        return broker_config(self.emulator, TEST_WORLD, self.callers, redis_url=redis_url, **settings)
 
 
 @pytest.fixture
 def world(emulator: Emulator) -> World:
     """Three consented tenants (two by GUID, one also by domain), one unconsented, an app whose
     secret and the cache key live in Key Vault, and two callers with different policies."""
-    app_secret = base64.b64encode(os.urandom(24)).decode()
-    emulator.add_tenant(TENANT_A)
-    emulator.add_tenant(TENANT_B)
-    emulator.add_tenant(TENANT_C, domains=[DOMAIN_C])
-    emulator.add_tenant(TENANT_UNCONSENTED)
-    emulator.add_app(APP_ID, home_tenant=TENANT_A, secret=app_secret)
-    for tenant in (TENANT_A, TENANT_B, TENANT_C):
-        emulator.grant(tenant, APP_ID, DEFENDER, ROLES)
-        emulator.grant(tenant, APP_ID, MDE, ["Alert.Read.All"])
-    emulator.set_secret(APP_SECRET_NAME, app_secret)
-    cache_key = base64.b64encode(os.urandom(32)).decode()
-    emulator.set_secret(CACHE_KEY_NAME, cache_key)
+    seeded = TEST_WORLD.seed(emulator)
     soar_key, soar_hash = new_api_key()
     hunter_key, hunter_hash = new_api_key()
-    identity = emulator.broker_identity
-    world = World(emulator, app_secret, cache_key, soar_key, hunter_key)
-    world.config = {
-        "authority_host": emulator.base_url,
-        "key_vault_url": emulator.base_url,
-        "key_vault_verify_challenge_resource": False,
-        "azure_credential": "environment",
-        "outbound_ca_file": str(emulator.ca_path),
-        "log_level": "DEBUG",
-        "credential_min_reload_seconds": 0,
-        "apps": {
-            "defender": {
-                "client_id": APP_ID,
-                "credential": {"secret": APP_SECRET_NAME},
-                "resources": [DEFENDER, MDE],
-            }
-        },
-        "callers": {
-            "soar": {"api_key_sha256": soar_hash, "tenants": ["*"], "apps": ["defender"]},
-            "hunter": {"api_key_sha256": hunter_hash, "tenants": [TENANT_A], "apps": ["defender"]},
-        },
+    callers = {
+        "soar": TEST_WORLD.caller(soar_hash),
+        "hunter": TEST_WORLD.caller(hunter_hash, tenants=[TENANT_A]),
     }
-    world.env = {
-        "AZURE_TENANT_ID": identity.tenant_id,
-        "AZURE_CLIENT_ID": identity.client_id,
-        "AZURE_CLIENT_SECRET": identity.client_secret,
-        "AZURE_AUTHORITY_HOST": emulator.base_url,
-    }
-    return world
+    return World(
+        emulator,
+        seeded.app_secret,
+        seeded.cache_key,
+        soar_key,
+        hunter_key,
+        callers,
+        broker_environment(emulator),
+    )
 
 
 def ask(

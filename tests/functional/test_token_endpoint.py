@@ -11,7 +11,7 @@ import pytest
 import yaml
 from redis.asyncio import Redis
 
-from tests.emulator import make_certificate
+from emulator import make_certificate
 from tests.functional.conftest import (
     APP_ID,
     DEFENDER,

@@ -1,4 +1,4 @@
-"""pytest fixtures for the emulator; enable with ``pytest_plugins = ["tests.emulator.pytest_plugin"]``.
+"""pytest fixtures for the emulator; enable with ``pytest_plugins = ["emulator.pytest_plugin"]``.
 
 * ``emulator_process`` (session): one emulator subprocess for the whole run, on a free port, its
   state (CA, ready file, log) in a pytest temporary directory; stopped at the end.

@@ -2,9 +2,15 @@
 
 Holds the directory (tenants, app registrations, consents, unprovisioned resources), the vault
 (secrets and their versions, the access list), injected faults, the token lifetime setting and
-the request log / counters that tests assert on. Everything here is plain data plus the lookup
-rules Entra and Key Vault apply; the HTTP layers (``entra``, ``vault``, ``control``) translate
-requests into calls on :class:`EmulatorState`.
+the request log / counters that tests assert on, and the token-signing key. Everything here is
+plain data plus the lookup rules Entra and Key Vault apply; the HTTP layers (``entra``, ``vault``,
+``control``) translate requests into calls on :class:`EmulatorState`.
+
+The control API is defined here, once: every :class:`EmulatorState` method marked
+:func:`operation` is a control operation (``POST /_emulator/{name}``), its signature is the contract
+(``control`` validates requests against it, ``client`` exposes it as an ``Emulator`` method of the
+same name and signature), and it returns JSON-ready data. Adding an operation means writing one
+such method.
 
 The server runs on one asyncio loop and no method here awaits, so no locking is needed.
 """
@@ -18,22 +24,16 @@ import secrets
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-#: The tenant the emulated Key Vault lives in. Fixed so a test run (and the ``Emulator`` handle)
-#: knows it without asking; it is recreated by every reset.
-VAULT_TENANT_ID: Final = "00000000-0000-0000-0000-00000000b0b0"
-VAULT_TENANT_DOMAINS: Final = ("emulator-home.onmicrosoft.com",)
-#: The broker's own identity to Key Vault: an app registered in the vault tenant. The secret is a
-#: public fake value that exists only inside this emulator. These three values are also the
-#: defaults of deploy/docker-compose.yml (DEMO_BROKER_*): change them together.
-BROKER_CLIENT_ID: Final = "00000000-0000-0000-0000-00000000b0b1"
-BROKER_CLIENT_SECRET: Final = "demo-broker-secret"
+from .tokens import SigningKey
+from .world import BROKER_CLIENT_ID, BROKER_CLIENT_SECRET, DEMO_WORLD, VAULT_TENANT_DOMAINS, VAULT_TENANT_ID
+
 #: Audience Key Vault accepts and the resource its challenge names.
 VAULT_RESOURCE: Final = "https://vault.azure.net"
 
@@ -50,6 +50,23 @@ _SECRET_NAME = re.compile(r"^[0-9A-Za-z-]{1,127}$")
 
 class StateError(ValueError):
     """A control-API request that cannot be applied (unknown tenant/app, bad argument)."""
+
+
+#: The control operations by name: the :class:`EmulatorState` methods marked :func:`operation`.
+OPERATIONS: Final[dict[str, Callable[..., Any]]] = {}
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def operation(method: _Method) -> _Method:
+    """Mark an :class:`EmulatorState` method as a control operation (unchanged otherwise).
+
+    Its parameters must be annotated with JSON-shaped types (``str``, ``int``, ``float``, ``bool``,
+    ``Iterable[...]`` / ``list[...]``, ``dict[str, ...]``, ``X | None``) and it must return JSON-ready
+    data; ``control`` checks the annotations when it builds its table.
+    """
+    OPERATIONS[method.__name__] = method
+    return method
 
 
 def normalize_guid(value: str) -> str:
@@ -207,41 +224,50 @@ class RequestRecord:
 class EmulatorState:
     """Everything the emulator knows; reset between tests through the control API."""
 
-    def __init__(self) -> None:
+    def __init__(self, signing_key: SigningKey | None = None) -> None:
+        #: Signs every token; lives as long as the process (a reset keeps it, so a JWKS stays valid).
+        self.signer = signing_key or SigningKey()
         self.tenants: dict[str, Tenant] = {}
         self.apps: dict[str, App] = {}
         self.consents: dict[tuple[str, str], Consent] = {}
         self.unprovisioned: set[tuple[str, str]] = set()
         self.vault: dict[str, VaultSecret] = {}
         self.vault_access: set[str] | None = None
-        self.faults: list[Fault] = []
+        self.pending_faults: list[Fault] = []
         self.token_lifetime = DEFAULT_TOKEN_LIFETIME
         self.token_lifetime_jitter = 0
         self.log: list[RequestRecord] = []
-        self.counters: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()
         self._next_fault_id = 1
         self.reset()
 
     # ------------------------------------------------------------------ lifecycle
+    @operation
     def reset(self) -> None:
-        """Empty everything, then recreate the vault tenant and the broker identity."""
+        """Empty everything, then recreate the base state: the vault tenant and the broker identity."""
         self.tenants.clear()
         self.apps.clear()
         self.consents.clear()
         self.unprovisioned.clear()
         self.vault.clear()
         self.vault_access = None
-        self.faults.clear()
+        self.pending_faults.clear()
         self.token_lifetime = DEFAULT_TOKEN_LIFETIME
         self.token_lifetime_jitter = 0
         self.reset_counters()
         self.add_tenant(VAULT_TENANT_ID, VAULT_TENANT_DOMAINS)
         self.add_app(BROKER_CLIENT_ID, home_tenant=VAULT_TENANT_ID, secret=BROKER_CLIENT_SECRET)
 
+    @operation
+    def seed_demo(self) -> None:
+        """Add the demo world (``emulator.world.DEMO_WORLD``) on top of the current state."""
+        DEMO_WORLD.seed(self)
+
+    @operation
     def reset_counters(self) -> None:
         """Forget the request log and all counters."""
         self.log.clear()
-        self.counters.clear()
+        self.counts.clear()
 
     # ------------------------------------------------------------------ directory
     def resolve_tenant(self, tenant: str) -> Tenant | None:
@@ -266,18 +292,18 @@ class EmulatorState:
             raise StateError(f"unknown app {client_id!r}")
         return app
 
-    def add_tenant(self, tenant_id: str, domains: Iterable[str] = ()) -> Tenant:
-        """Create (or replace the domains of) a tenant."""
+    @operation
+    def add_tenant(self, tenant_id: str, domains: Iterable[str] = ()) -> None:
+        """Create (or replace the domains of) a tenant, addressable by its GUID and by each domain."""
         guid = normalize_guid(tenant_id)
         wanted = [d.strip().lower() for d in domains]
         for other in self.tenants.values():
             clash = set(wanted) & set(other.domains)
             if other.tenant_id != guid and clash:
                 raise StateError(f"domain(s) {sorted(clash)} already belong to another tenant")
-        tenant = Tenant(guid, wanted)
-        self.tenants[guid] = tenant
-        return tenant
+        self.tenants[guid] = Tenant(guid, wanted)
 
+    @operation
     def add_app(
         self,
         client_id: str,
@@ -285,23 +311,25 @@ class EmulatorState:
         home_tenant: str,
         secret: str | None = None,
         certificate_pem: str | None = None,
-    ) -> App:
-        """Register an app in ``home_tenant`` with an optional first secret / certificate."""
+    ) -> None:
+        """Register an app in ``home_tenant`` (implicitly consented there) with an optional first
+        secret / certificate."""
         app = App(normalize_guid(client_id), self.require_tenant(home_tenant).tenant_id)
         self.apps[app.client_id] = app
         if secret is not None:
             self.add_app_secret(app.client_id, secret)
         if certificate_pem is not None:
             self.add_app_certificate(app.client_id, certificate_pem)
-        return app
 
+    @operation
     def add_app_secret(self, client_id: str, secret: str, expires_in_seconds: float | None = None) -> None:
-        """Add a client secret; a non-positive lifetime yields an already-expired secret."""
+        """Add a client secret; ``expires_in_seconds <= 0`` makes it already expired (7000222)."""
         if not secret:
             raise StateError("secret must not be empty")
         expires_at = None if expires_in_seconds is None else time.time() + expires_in_seconds
         self.require_app(client_id).secrets.append(AppSecret(secret, expires_at))
 
+    @operation
     def add_app_certificate(self, client_id: str, cert_pem: str) -> None:
         """Register a certificate whose key may sign client assertions for this app."""
         try:
@@ -310,8 +338,13 @@ class EmulatorState:
             raise StateError("certificate_pem is not a PEM certificate") from exc
         self.require_app(client_id).certificates.append(AppCertificate(cert_pem, sha1, sha256))
 
+    @operation
     def rotate_app_secret(self, client_id: str, vault_secret: str | None = None) -> str:
-        """Replace all secrets of an app with a new one; optionally store it in the vault."""
+        """Replace ALL secrets of the app with a new one and return it.
+
+        Old secrets then fail with AADSTS7000215. With ``vault_secret``, the new value is also
+        stored as a new version of that vault secret.
+        """
         app = self.require_app(client_id)
         value = new_client_secret()
         app.secrets = [AppSecret(value)]
@@ -319,22 +352,25 @@ class EmulatorState:
             self.set_secret(vault_secret, value)
         return value
 
+    @operation
     def grant(self, tenant: str, client_id: str, resource: str, roles: Iterable[str] = ()) -> None:
-        """Consent ``client_id`` in ``tenant`` and set its app roles on ``resource``."""
+        """Admin-consent ``client_id`` in ``tenant`` and set its app roles on ``resource``."""
         tid = self.require_tenant(tenant).tenant_id
         app = self.require_app(client_id)
         consent = self.consents.setdefault((tid, app.client_id), Consent())
-        consent.roles[normalize_resource(resource)] = list(roles)
+        consent.roles[_required_resource(resource)] = list(roles)
 
+    @operation
     def revoke(self, tenant: str, client_id: str) -> None:
         """Remove the app's service principal (consent and all roles) from ``tenant``."""
         tid = self.require_tenant(tenant).tenant_id
         self.consents.pop((tid, client_id.strip().lower()), None)
 
+    @operation
     def set_unprovisioned(self, tenant: str, resource: str) -> None:
         """Make ``resource`` unknown in ``tenant`` (token requests get AADSTS500011)."""
         tid = self.require_tenant(tenant).tenant_id
-        self.unprovisioned.add((tid, normalize_resource(resource)))
+        self.unprovisioned.add((tid, _required_resource(resource)))
 
     def is_consented(self, tenant_id: str, app: App) -> bool:
         """An app has a service principal in its home tenant and wherever it was granted."""
@@ -355,16 +391,18 @@ class EmulatorState:
         """A token lifetime in [lifetime, lifetime + jitter], as Entra randomises it."""
         if self.token_lifetime_jitter <= 0:
             return self.token_lifetime
-        return self.token_lifetime + random.randint(0, self.token_lifetime_jitter)
+        return self.token_lifetime + random.randint(0, self.token_lifetime_jitter)  # noqa: S311 - not a secret
 
+    @operation
     def set_token_lifetime(self, seconds: int, jitter_seconds: int = 0) -> None:
-        """Set the lifetime of every token issued from now on."""
+        """Tokens issued from now on live ``seconds`` + uniform(0..``jitter_seconds``)."""
         if seconds <= 0 or jitter_seconds < 0:
             raise StateError("lifetime must be positive and jitter non-negative")
         self.token_lifetime = seconds
         self.token_lifetime_jitter = jitter_seconds
 
     # ------------------------------------------------------------------ vault
+    @operation
     def set_secret(
         self,
         name: str,
@@ -374,7 +412,7 @@ class EmulatorState:
         enabled: bool = True,
         tags: dict[str, str] | None = None,
     ) -> str:
-        """Store a new version of a vault secret and return its version id."""
+        """Store a new version of vault secret ``name``; return its 32-hex version id."""
         if not _SECRET_NAME.match(name):
             raise StateError(f"invalid secret name {name!r}")
         entry = self.vault.setdefault(name.lower(), VaultSecret(name))
@@ -383,6 +421,7 @@ class EmulatorState:
         entry.versions.append(version)
         return version.version
 
+    @operation
     def set_secret_enabled(self, name: str, version: str, enabled: bool) -> None:
         """Enable or disable one version of a vault secret."""
         entry = self.vault.get(name.lower())
@@ -392,8 +431,9 @@ class EmulatorState:
         found.enabled = enabled
         found.updated = int(time.time())
 
+    @operation
     def set_vault_access(self, client_ids: Iterable[str] | None) -> None:
-        """Set the apps allowed to read secrets; None restores "any app of the vault tenant"."""
+        """Allow exactly these apps on the vault; None restores "any app of the vault tenant"."""
         self.vault_access = None if client_ids is None else {normalize_guid(c) for c in client_ids}
 
     def vault_allows(self, client_id: str) -> bool:
@@ -404,6 +444,7 @@ class EmulatorState:
         return app is not None and app.home_tenant == VAULT_TENANT_ID
 
     # ------------------------------------------------------------------ faults
+    @operation
     def add_fault(
         self,
         endpoint: str,
@@ -413,8 +454,15 @@ class EmulatorState:
         count: int = 1,
         retry_after: int | None = None,
         latency_seconds: float | None = None,
-    ) -> Fault:
-        """Queue a fault; see the control API docs for the meaning of each argument."""
+    ) -> dict[str, Any]:
+        """Inject a fault; return its description.
+
+        ``endpoint``: "discovery", "token", "jwks", "vault" or "any". ``kind``: "429" (service-
+        shaped JSON + Retry-After, default 1 s), "429_text" (plain text + Retry-After), "500",
+        "503", "latency" (sleep ``latency_seconds``, then answer normally) or "drop" (close the
+        connection without a response). ``tenant`` (GUID or domain) scopes it; it fires ``count``
+        times (-1: until :meth:`clear_faults`).
+        """
         if endpoint not in FAULT_ENDPOINTS:
             raise StateError(f"endpoint must be one of {sorted(FAULT_ENDPOINTS)}")
         if kind not in FAULT_KINDS:
@@ -425,12 +473,18 @@ class EmulatorState:
             raise StateError("a latency fault needs latency_seconds >= 0")
         fault = Fault(self._next_fault_id, endpoint, kind, tenant, count, retry_after, latency_seconds)
         self._next_fault_id += 1
-        self.faults.append(fault)
-        return fault
+        self.pending_faults.append(fault)
+        return fault.describe()
 
+    @operation
+    def faults(self) -> list[dict[str, Any]]:
+        """Pending faults with their remaining counts."""
+        return [fault.describe() for fault in self.pending_faults]
+
+    @operation
     def clear_faults(self) -> None:
-        """Drop every pending fault."""
-        self.faults.clear()
+        """Remove every pending fault."""
+        self.pending_faults.clear()
 
     def take_fault(self, endpoint: str, tenant_id: str | None, raw_tenant: str | None) -> Fault | None:
         """Consume one firing of the first fault matching this request, if any.
@@ -438,7 +492,7 @@ class EmulatorState:
         A tenant-scoped fault matches when it names the request's tenant by GUID or domain; when
         the request's tenant is unknown to the directory, the raw path segment is compared.
         """
-        for fault in self.faults:
+        for fault in self.pending_faults:
             if fault.endpoint not in ("any", endpoint):
                 continue
             if fault.tenant is not None and not self._tenant_matches(fault.tenant, tenant_id, raw_tenant):
@@ -446,8 +500,8 @@ class EmulatorState:
             if fault.remaining > 0:
                 fault.remaining -= 1
                 if fault.remaining == 0:
-                    self.faults.remove(fault)
-            self.counters["faults_fired"] += 1
+                    self.pending_faults.remove(fault)
+            self.counts["faults_fired"] += 1
             return fault
         return None
 
@@ -461,17 +515,29 @@ class EmulatorState:
     def record(self, entry: RequestRecord) -> None:
         """Append to the request log and bump the per-endpoint counter."""
         self.log.append(entry)
-        self.counters[entry.endpoint] += 1
+        self.counts[entry.endpoint] += 1
 
-    def query_log(
+    @operation
+    def counters(self) -> dict[str, int]:
+        """Requests per endpoint class ("discovery", "token", "jwks", "vault"), "issued_tokens"
+        and "faults_fired", zeros included."""
+        every = {name: 0 for name in (*sorted(ENDPOINTS), "issued_tokens", "faults_fired")}
+        return {**every, **self.counts}
+
+    @operation
+    def requests(
         self,
-        *,
         endpoint: str | None = None,
+        *,
         tenant: str | None = None,
         client_id: str | None = None,
         resource: str | None = None,
-    ) -> list[RequestRecord]:
-        """Log entries matching every given filter (tenant by GUID or domain)."""
+    ) -> list[dict[str, Any]]:
+        """The request log (oldest first), filtered: entries are ``{"endpoint", "tenant_id",
+        "client_id", "resource", "status", "time"}``; status 0 means the connection was dropped.
+
+        Tenants match by GUID or domain.
+        """
         wanted_tid: str | None = None
         if tenant is not None:
             resolved = self.resolve_tenant(tenant)
@@ -479,7 +545,7 @@ class EmulatorState:
         wanted_client = client_id.strip().lower() if client_id else None
         wanted_resource = normalize_resource(resource) if resource else None
         return [
-            r
+            r.as_json()
             for r in self.log
             if (endpoint is None or r.endpoint == endpoint)
             and (wanted_tid is None or (r.tenant_id or "").lower() == wanted_tid)
@@ -487,10 +553,24 @@ class EmulatorState:
             and (wanted_resource is None or r.resource == wanted_resource)
         ]
 
+    # ------------------------------------------------------------------ keys
+    @operation
+    def signing_key(self) -> dict[str, Any]:
+        """The token-signing key: ``{"kid", "public_key_pem", "jwks"}``."""
+        signer = self.signer
+        return {"kid": signer.kid, "public_key_pem": signer.public_key_pem, "jwks": signer.jwks()}
+
 
 def normalize_resource(resource: str) -> str:
     """Resource identifiers compare without a trailing slash (``https://x/`` == ``https://x``)."""
     return resource.strip().rstrip("/")
+
+
+def _required_resource(resource: str) -> str:
+    normalized = normalize_resource(resource)
+    if not normalized:
+        raise StateError("resource must not be empty")
+    return normalized
 
 
 def secret_matches(candidate: str, stored: str) -> bool:

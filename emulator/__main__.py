@@ -1,4 +1,4 @@
-"""Run the Entra ID + Key Vault emulator: ``python -m tests.emulator [options]``.
+"""Run the Entra ID + Key Vault emulator: ``python -m emulator [options]``.
 
 Options:
 
@@ -14,12 +14,13 @@ Options:
     "vault_tenant_id", "broker_client_id"}``, written atomically once the server accepts
     connections and removed on exit.
 ``--demo``
-    Seed the demo data set: tenants contoso (``contoso.onmicrosoft.com``) and fabrikam, the
+    Seed the demo world: tenants contoso (``contoso.onmicrosoft.com``) and fabrikam, the
     Defender app ``11111111-2222-3333-4444-555555555555`` consented in contoso with Defender roles,
-    its client secret in the vault as ``defender-app-secret``. See ``tests.emulator.demo``.
+    its client secret in the vault as ``defender-app-secret`` and a cache key for the broker as
+    ``broker-cache-key``. See ``emulator.world.DEMO_WORLD``.
 
-The broker's own Key Vault identity always exists: tenant ``state.VAULT_TENANT_ID``, client
-``state.BROKER_CLIENT_ID``, secret ``state.BROKER_CLIENT_SECRET`` (a fake value). SIGTERM or
+The broker's own Key Vault identity always exists: tenant ``world.VAULT_TENANT_ID``, client
+``world.BROKER_CLIENT_ID``, secret ``world.BROKER_CLIENT_SECRET`` (a fake value). SIGTERM or
 SIGINT stops the server cleanly.
 """
 
@@ -36,14 +37,14 @@ from .server import run
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments and serve until signalled."""
     parser = argparse.ArgumentParser(
-        prog="python -m tests.emulator",
-        description="Local TLS emulator of Microsoft Entra ID and Azure Key Vault for tests.",
+        prog="python -m emulator",
+        description="Local TLS emulator of Microsoft Entra ID and Azure Key Vault.",
     )
     parser.add_argument("--port", type=int, default=0, help="listen port (0: any free port)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--san", action="append", default=[], help="extra certificate name (repeatable)")
     parser.add_argument("--state-dir", type=Path, help="directory for ca.pem and emulator.json")
-    parser.add_argument("--demo", action="store_true", help="seed the demo tenants and apps")
+    parser.add_argument("--demo", action="store_true", help="seed the demo world (emulator.world.DEMO_WORLD)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     state_dir: Path = args.state_dir or Path(tempfile.mkdtemp(prefix="entra-kv-emulator-"))

@@ -16,8 +16,9 @@ from typing import Any, Final
 import jwt
 from aiohttp import web
 
-from .context import REQUEST_INFO, SIGNING_KEY, STATE, base_url
-from .state import VAULT_RESOURCE, VAULT_TENANT_ID, SecretVersion, VaultSecret
+from .context import REQUEST_INFO, STATE, base_url
+from .state import VAULT_RESOURCE, SecretVersion, VaultSecret
+from .world import VAULT_TENANT_ID
 
 _VERSION: Final = re.compile(r"^[0-9a-fA-F]{32}$")
 _RECOVERY_LEVEL: Final = "Recoverable+Purgeable"
@@ -67,7 +68,7 @@ def _authorize(request: web.Request) -> web.Response | None:
     if scheme.lower() != "bearer" or not token.strip():
         return _challenge(request, "AKV10000: Request is missing a Bearer or PoP token.")
     try:
-        claims = request.app[SIGNING_KEY].verify(token.strip(), [VAULT_RESOURCE, VAULT_RESOURCE + "/"])
+        claims = request.app[STATE].signer.verify(token.strip(), [VAULT_RESOURCE, VAULT_RESOURCE + "/"])
     except jwt.InvalidAudienceError:
         return _challenge(request, f"AKV10022: Invalid audience. Expected {VAULT_RESOURCE}.")
     except jwt.ExpiredSignatureError:

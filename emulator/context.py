@@ -1,8 +1,8 @@
 """Keys and helpers shared by the emulator's HTTP modules (kept apart to avoid import cycles).
 
-Holds the typed ``aiohttp`` keys for the application state, the signing key and the per-request
-log record, plus :func:`base_url` (URLs the emulator hands out follow the address the client
-used, 127.0.0.1 or localhost).
+Holds the typed ``aiohttp`` keys for the application state and the per-request log record, plus
+:func:`base_url` (URLs the emulator hands out follow the address the client used, 127.0.0.1 or
+localhost).
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ from typing import Final
 from aiohttp import web
 
 from .state import EmulatorState
-from .tokens import SigningKey
 
 STATE: Final = web.AppKey("emulator_state", EmulatorState)
-SIGNING_KEY: Final = web.AppKey("emulator_signing_key", SigningKey)
 
 
 @dataclass

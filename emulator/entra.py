@@ -19,7 +19,7 @@ from urllib.parse import unquote_plus
 
 from aiohttp import web
 
-from .context import SIGNING_KEY, STATE, base_url
+from .context import STATE, base_url
 from .state import App, EmulatorState, Tenant, normalize_resource, secret_matches
 from .tokens import AssertionRejected, verify_client_assertion
 
@@ -65,7 +65,7 @@ def entra_error(
     message: str,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    """An Entra-shaped OAuth error response (the body of FIELD-NOTES #8)."""
+    """An Entra-shaped OAuth error response, with the body and headers Entra's token endpoint sends."""
     trace_id = str(uuid.uuid4())
     # Entra echoes the caller's client-request-id (MSAL sends one) as the correlation id.
     correlation_id = request.headers.get("client-request-id") or str(uuid.uuid4())
@@ -190,7 +190,7 @@ async def jwks(request: web.Request) -> web.Response:
     raw = request.match_info["tenant"]
     if raw.lower() not in _MULTI_TENANT_ALIASES and request.app[STATE].resolve_tenant(raw) is None:
         return _unknown_tenant(request, raw, "invalid_tenant")
-    return web.json_response(request.app[SIGNING_KEY].jwks())
+    return web.json_response(request.app[STATE].signer.jwks())
 
 
 # ---------------------------------------------------------------------- token endpoint
@@ -384,8 +384,8 @@ def _issue(
     roles = state.roles_for(tid, app, resource)
     if roles:
         claims["roles"] = roles
-    access_token = request.app[SIGNING_KEY].sign(claims)
-    state.counters["issued_tokens"] += 1
+    access_token = state.signer.sign(claims)
+    state.counts["issued_tokens"] += 1
     body: dict[str, Any]
     if version == "v1":
         # The v1 endpoint answers with strings throughout and echoes the resource.

@@ -17,7 +17,7 @@ import hashlib
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 from cryptography import x509
@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from .state import AppCertificate
+if TYPE_CHECKING:
+    from .state import AppCertificate
 
 # Entra's clock-skew tolerance is minutes; MSAL itself allows 5 minutes on its side.
 _LEEWAY_SECONDS = 300

@@ -1,6 +1,6 @@
 """Serving the emulator: TLS material, the listening socket, the ready file, clean shutdown.
 
-:func:`run` is what ``python -m tests.emulator`` executes. It creates a throw-away trustme CA and a
+:func:`run` is what ``python -m emulator`` executes. It creates a throw-away trustme CA and a
 server certificate for 127.0.0.1/localhost (plus any extra names), writes the CA to
 ``{state_dir}/ca.pem``, listens, and only then writes ``{state_dir}/emulator.json`` atomically (a
 reader never sees a half-written file, and its existence means "accepting connections"). SIGTERM and
@@ -23,8 +23,8 @@ import trustme
 from aiohttp import web
 
 from .app import build_app
-from .demo import seed_demo
-from .state import BROKER_CLIENT_ID, VAULT_TENANT_ID, EmulatorState
+from .state import EmulatorState
+from .world import BROKER_CLIENT_ID, DEMO_WORLD, VAULT_TENANT_ID
 
 READY_FILE: Final = "emulator.json"
 CA_FILE: Final = "ca.pem"
@@ -60,7 +60,7 @@ async def serve(
     tls = make_server_tls(state_dir, [*DEFAULT_NAMES, *extra_names])
     state = EmulatorState()
     if demo:
-        seed_demo(state)
+        DEMO_WORLD.seed(state)
     # No access log: the control API's request log is the structured record, and an access
     # log line per request would only add noise to the test output.
     runner = web.AppRunner(build_app(state), access_log=None, handle_signals=False, shutdown_timeout=2.0)

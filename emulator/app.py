@@ -15,10 +15,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from . import control, entra, vault
-from .context import REQUEST_INFO, SIGNING_KEY, STATE, RequestInfo
+from .context import REQUEST_INFO, STATE, RequestInfo
 from .entra import client_credentials, requested_resource
-from .state import ENDPOINTS, VAULT_TENANT_ID, EmulatorState, Fault, RequestRecord
-from .tokens import SigningKey
+from .state import ENDPOINTS, EmulatorState, Fault, RequestRecord
+from .world import VAULT_TENANT_ID
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -107,11 +107,10 @@ def _fault_response(request: web.Request, info: RequestInfo, fault: Fault) -> we
     return entra.fault_response(request, status, headers)
 
 
-def build_app(state: EmulatorState | None = None, signing_key: SigningKey | None = None) -> web.Application:
-    """Create the emulator's aiohttp application (state and key are created when omitted)."""
+def build_app(state: EmulatorState | None = None) -> web.Application:
+    """Create the emulator's aiohttp application (a fresh state is created when omitted)."""
     app = web.Application(middlewares=[control.loopback_only_middleware, emulated_service_middleware])
     app[STATE] = state or EmulatorState()
-    app[SIGNING_KEY] = signing_key or SigningKey()
     entra.add_routes(app.router)
     vault.add_routes(app.router)
     control.add_routes(app.router)
