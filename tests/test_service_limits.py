@@ -122,8 +122,11 @@ async def test_a_min_ttl_entra_cannot_satisfy_costs_one_upstream_call() -> None:
     concurrent = await asyncio.gather(
         *(broker.get_token(caller, request) for _ in range(10)), return_exceptions=True
     )
-    later = [await asyncio.gather(broker.get_token(caller, request), return_exceptions=True) for _ in range(10)]
-    outcomes = concurrent + [result[0] for result in later]
+    later = [
+        (await asyncio.gather(broker.get_token(caller, request), return_exceptions=True))[0]
+        for _ in range(10)
+    ]
+    outcomes = concurrent + later
     assert [UpstreamError] * 20 == [type(outcome) for outcome in outcomes]
     assert 1 == len(source.calls)
     await broker.close()
