@@ -27,11 +27,15 @@ from pydantic import (
 
 from broker.errors import ConfigError
 
-GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+# Every pattern here is used with ``fullmatch``, never ``match`` + ``$``: ``$`` also matches before a final
+# newline, so "contoso.onmicrosoft.com\n" would pass as a tenant (a second cache key, a forged log line).
+GUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # A verified domain: labels of letters, digits and hyphens, at least one dot, no trailing dot.
-DOMAIN_RE = re.compile(r"^(?=.{4,253}$)([a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z]{2,63}$")
-SHA256_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DOMAIN_RE = re.compile(r"(?=.{4,253}\Z)([a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z]{2,63}")
+SHA256_HEX_RE = re.compile(r"[0-9a-f]{64}")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+HTTPS_URL_RE = re.compile(r"https://[^\s/?#]+(/[^\s?#]*)?")
+ISSUER_URL_RE = re.compile(r"https?://[^\s/?#]+(/[^\s?#]*)?")
 
 CONFIG_ENV = "BROKER_CONFIG"
 # Top-level scalar keys that a ``BROKER_<KEY>`` environment variable may override (so an image or a
@@ -48,7 +52,7 @@ ENV_OVERRIDABLE = (
 
 def is_tenant(value: str) -> bool:
     """True for a tenant GUID or a verified-domain name."""
-    return bool(GUID_RE.match(value) or DOMAIN_RE.match(value))
+    return bool(GUID_RE.fullmatch(value) or DOMAIN_RE.fullmatch(value))
 
 
 def normalise_resource(value: str) -> str:
@@ -59,13 +63,13 @@ def normalise_resource(value: str) -> str:
 
 
 def _check_guid(value: str) -> str:
-    if not GUID_RE.match(value):
+    if not GUID_RE.fullmatch(value):
         raise ValueError("must be a GUID such as 11111111-2222-3333-4444-555555555555")
     return value.lower()
 
 
 def _check_https_url(value: str) -> str:
-    if not re.match(r"^https://[^\s/?#]+(/[^\s?#]*)?$", value):
+    if not HTTPS_URL_RE.fullmatch(value):
         raise ValueError("must be an https:// URL")
     return value.rstrip("/")
 
@@ -136,7 +140,7 @@ class AppSettings(_Frozen):
 
 
 SERVICE_ACCOUNT_RE = re.compile(
-    r"^system:serviceaccount:[a-z0-9]([-a-z0-9]*[a-z0-9])?:[a-z0-9]([-.a-z0-9]*[a-z0-9])?$"
+    r"system:serviceaccount:[a-z0-9]([-a-z0-9]*[a-z0-9])?:[a-z0-9]([-.a-z0-9]*[a-z0-9])?"
 )
 
 
@@ -154,7 +158,7 @@ class ServiceAccountAuthSettings(_Frozen):
     @field_validator("issuer")
     @classmethod
     def _issuer(cls, value: str) -> str:
-        if not re.match(r"^https?://[^\s/?#]+", value):
+        if not ISSUER_URL_RE.fullmatch(value):
             raise ValueError("must be the issuer URL (https:// in production)")
         return value
 
@@ -174,7 +178,7 @@ class CallerSettings(_Frozen):
     @field_validator("service_account")
     @classmethod
     def _service_account(cls, value: str | None) -> str | None:
-        if value is not None and not SERVICE_ACCOUNT_RE.match(value):
+        if value is not None and not SERVICE_ACCOUNT_RE.fullmatch(value):
             raise ValueError("must be system:serviceaccount:NAMESPACE:NAME")
         return value
 
@@ -184,7 +188,7 @@ class CallerSettings(_Frozen):
         if value is None:
             return None
         value = value.lower()
-        if not SHA256_HEX_RE.match(value):
+        if not SHA256_HEX_RE.fullmatch(value):
             raise ValueError("must be 64 hex characters (token-broker hash-key prints one)")
         return value
 
@@ -245,7 +249,7 @@ class Settings(_Frozen):
     @classmethod
     def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
         for name in value:
-            if not NAME_RE.match(name):
+            if not NAME_RE.fullmatch(name):
                 raise ValueError(f"{name!r} is not a valid name (letters, digits, _ . -)")
         return value
 

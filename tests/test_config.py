@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from broker.config import load_settings, parse_settings
+from broker.config import is_tenant, load_settings, parse_settings
 from broker.errors import ConfigError
 
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
@@ -98,3 +98,50 @@ def test_embedded_defaults_need_client_id_and_caller_hash() -> None:
     settings = load_settings(None, environ={"BROKER_CLIENT_ID": CLIENT_ID, "BROKER_CALLER_KEY_SHA256": HASH})
     assert CLIENT_ID == settings.apps["default"].client_id
     assert "env" == settings.apps["default"].credential.kind
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "contoso.onmicrosoft.com\n",
+        "11111111-2222-3333-4444-555555555555\n",
+        "contoso.onmicrosoft.com\nevil.example.com",
+        "\ncontoso.onmicrosoft.com",
+    ],
+)
+def test_is_tenant_refuses_a_trailing_newline(value: str) -> None:
+    """`$` also matches before a final newline; a tenant is the whole string or nothing, so a GUID or
+    domain followed by a newline is no tenant (it would become a second cache key and a log line)."""
+    assert (False, True) == (is_tenant(value), is_tenant(value.strip().split("\n")[0]))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda r: r["apps"]["defender"].update(client_id=CLIENT_ID + "\n"), "apps.defender.client_id"),
+        (lambda r: r["callers"]["soar"].update(api_key_sha256=HASH + "\n"), "callers.soar.api_key_sha256"),
+        (lambda r: r["callers"]["soar"].update(tenants=["contoso.com\n"]), "callers.soar.tenants"),
+        (
+            lambda r: r["callers"].update({"soar\n": r["callers"].pop("soar")}),
+            "callers: 'soar\\n' is not a valid name",
+        ),
+        (
+            lambda r: r["callers"]["soar"].update(
+                api_key_sha256=None, service_account="system:serviceaccount:ns:name\n"
+            ),
+            "callers.soar.service_account",
+        ),
+        (lambda r: r.update(authority_host="https://login.example\n"), "authority_host"),
+        (lambda r: r.update(key_vault_url="https://kv.vault.azure.net\n"), "key_vault_url"),
+        (
+            lambda r: r.update(service_account_auth={"issuer": "https://issuer.example\n"}),
+            "service_account_auth.issuer",
+        ),
+    ],
+)
+def test_patterns_match_the_whole_value(mutate: Any, expected: str) -> None:
+    """Every pattern-checked setting (GUID, hash, tenant, name, service account, URL) refuses a value
+    with a trailing newline, naming the key: patterns are full matches, not `^...$`."""
+    raw = minimal()
+    mutate(raw)
+    assert expected in error_for(raw)
