@@ -52,6 +52,10 @@ ENV_OVERRIDABLE = (
     "log_level",
     "azure_credential",
 )
+# Listener settings a ``BROKER_<SECTION>_<KEY>`` variable may override: a deployment decides where the
+# broker listens (a Helm chart's probes and Service target 0.0.0.0:containerPort) even when the
+# configuration file is the user's own, mounted from a Secret.
+ENV_OVERRIDABLE_NESTED = (("listen", "host"), ("listen", "port"), ("metrics", "host"), ("metrics", "port"))
 
 
 def is_tenant(value: str) -> bool:
@@ -466,12 +470,35 @@ def _missing_file_problems(data: Mapping[str, Any]) -> list[Problem]:
 def _format_problems(problems: list[Problem], from_env: Mapping[str, str]) -> str:
     lines = []
     for key, message in dict.fromkeys(problems):  # in order, each once
-        variable = from_env.get(key.split(".", 1)[0])
+        variable = from_env.get(key) or from_env.get(key.split(".", 1)[0])
         suffix = f" (set by {variable})" if variable else ""
         lines.append(f"{key}: {message}{suffix}" if key else message)
     if len(lines) == 1:
         return lines[0]
     return f"{len(lines)} problems in the configuration:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _with_env_overrides(
+    raw: Mapping[str, Any], environ: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """``raw`` with the ``BROKER_*`` overrides applied, and which key each variable set."""
+    data = dict(raw)
+    from_env: dict[str, str] = {}
+    for key in ENV_OVERRIDABLE:
+        variable = f"BROKER_{key.upper()}"
+        value = environ.get(variable)
+        if value:
+            data[key] = value
+            from_env[key] = variable
+    for section, key in ENV_OVERRIDABLE_NESTED:
+        variable = f"BROKER_{section.upper()}_{key.upper()}"
+        value = environ.get(variable)
+        current = data.get(section)
+        # A section that is not a mapping is left for validation to report.
+        if value and (current is None or isinstance(current, Mapping)):
+            data[section] = {**(current or {}), key: value}
+            from_env[f"{section}.{key}"] = variable
+    return data, from_env
 
 
 def parse_settings(
@@ -481,14 +508,7 @@ def parse_settings(
     naming every problem. ``check_files=False`` skips the checks that the files named exist (for static
     checks of a configuration meant for another machine, such as a rendered Helm chart)."""
     environ = os.environ if environ is None else environ
-    data = dict(raw)
-    from_env: dict[str, str] = {}
-    for key in ENV_OVERRIDABLE:
-        variable = f"BROKER_{key.upper()}"
-        value = environ.get(variable)
-        if value:
-            data[key] = value
-            from_env[key] = variable
+    data, from_env = _with_env_overrides(raw, environ)
     problems: list[Problem] = []
     settings: Settings | None = None
     try:
@@ -531,13 +551,15 @@ def default_raw_settings(environ: Mapping[str, str] | None = None) -> dict[str, 
     }
 
 
-def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+def load_settings(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None, *, check_files: bool = True
+) -> Settings:
     """Load the YAML file at ``path`` (or ``$BROKER_CONFIG``; else the embedded defaults)."""
     environ = os.environ if environ is None else environ
     path = path or environ.get(CONFIG_ENV) or None
     if path is None:
         try:
-            return parse_settings(default_raw_settings(environ), environ)
+            return parse_settings(default_raw_settings(environ), environ, check_files=check_files)
         except ConfigError as exc:
             raise ConfigError(
                 f"{exc} (no --config or BROKER_CONFIG given: the embedded defaults need "
@@ -554,7 +576,7 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
         raise ConfigError(f"{path}: not valid YAML: {_yaml_error_summary(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    return parse_settings(raw, environ)
+    return parse_settings(raw, environ, check_files=check_files)
 
 
 def _yaml_error_summary(exc: yaml.YAMLError) -> str:

@@ -13,6 +13,7 @@ from broker.errors import ConfigError
 
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
 HASH = "a" * 64
+ANY_ADDRESS = "0.0.0.0"  # noqa: S104 - a setting under test; nothing binds it here
 
 
 def minimal(**overrides: Any) -> dict[str, Any]:
@@ -259,3 +260,28 @@ def test_yaml_errors_do_not_echo_the_offending_line(tmp_path: Path) -> None:
         load_settings(path, environ={})
     assert "line 2" in str(info.value)
     assert "s3cret" not in str(info.value)
+
+
+def test_env_overrides_listen_and_metrics_addresses() -> None:
+    """BROKER_LISTEN_HOST/PORT and BROKER_METRICS_HOST/PORT set the listeners whatever the file says (a
+    Helm chart mounting a user's whole config from a Secret still binds where its probes look); the
+    rest of a listen/metrics section in the file is kept, and a bad value is named with its variable."""
+    environ = {
+        "BROKER_LISTEN_HOST": ANY_ADDRESS,
+        "BROKER_LISTEN_PORT": "8443",
+        "BROKER_METRICS_HOST": ANY_ADDRESS,
+        "BROKER_METRICS_PORT": "9443",
+    }
+    settings = parse_settings(minimal(), environ=environ)
+    assert (ANY_ADDRESS, 8443, ANY_ADDRESS, 9443) == (
+        settings.listen.host,
+        settings.listen.port,
+        settings.metrics.host,
+        settings.metrics.port,
+    )
+    kept = parse_settings(minimal(listen={"host": "10.0.0.1", "port": 8081}), {"BROKER_LISTEN_PORT": "8082"})
+    assert ("10.0.0.1", 8082) == (kept.listen.host, kept.listen.port)
+    with pytest.raises(ConfigError) as info:
+        parse_settings(minimal(), environ={"BROKER_LISTEN_PORT": "http"})
+    assert str(info.value).startswith("listen.port: ")
+    assert str(info.value).endswith("(set by BROKER_LISTEN_PORT)")
