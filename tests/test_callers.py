@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -10,6 +11,9 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from broker.callers import CallerRegistry, hash_api_key, new_api_key
 from broker.config import Settings, parse_settings
@@ -252,3 +256,15 @@ async def test_algorithm_that_does_not_fit_the_key_is_invalid_client(
     with pytest.raises(InvalidClientError) as info:
         await reg.authenticate(f"Bearer {_token_signed_as(issuer, algorithm, kid)}")
     assert (401, "invalid_client") == (info.value.status, info.value.error)
+
+
+@hypothesis_settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(parts=st.lists(st.binary(max_size=40), min_size=1, max_size=4))
+def test_any_header_bytes_are_invalid_client(issuer: Issuer, parts: list[bytes]) -> None:
+    """Whatever bytes follow `Bearer ` (decoded as aiohttp does; JWT-shaped when they come in three
+    dot-separated parts), authenticate raises InvalidClientError, never another exception (a 500)."""
+    credential = b".".join(parts).decode("utf-8", "surrogateescape")
+    with pytest.raises(InvalidClientError):
+        asyncio.run(registry(issuer)[0].authenticate(f"Bearer {credential}"))
