@@ -285,3 +285,13 @@ def test_env_overrides_listen_and_metrics_addresses() -> None:
         parse_settings(minimal(), environ={"BROKER_LISTEN_PORT": "http"})
     assert str(info.value).startswith("listen.port: ")
     assert str(info.value).endswith("(set by BROKER_LISTEN_PORT)")
+
+
+def test_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    """A configuration file that is not UTF-8 text is a ConfigError naming the file (exit 2), not a
+    UnicodeDecodeError traceback."""
+    path = tmp_path / "broker.yaml"
+    path.write_bytes(b"log_level: INFO\nredis_url: redis://:\xff\xfe@cache:6379/0\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, environ={})
+    assert f"{path}: not UTF-8 text" == str(info.value)
