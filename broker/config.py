@@ -462,9 +462,25 @@ def _missing_file_problems(data: Mapping[str, Any]) -> list[Problem]:
     for key, value in named:
         if isinstance(value, str | Path) and str(value):
             problem = _file_problem(Path(value))
+            if problem is None and key == "outbound_ca_file":
+                problem = _ca_file_problem(Path(value))
             if problem is not None:
                 problems.append((key, problem))
     return problems
+
+
+def _ca_file_problem(path: Path) -> str | None:
+    """The extra CA is appended to the public roots at start (``tls.build_ca_bundle``): it must be
+    ASCII PEM holding at least one certificate."""
+    try:
+        text = path.read_text(encoding="ascii")
+    except UnicodeDecodeError:
+        return f"{path} is not ASCII PEM text"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        return f"{path} holds no PEM certificate"
+    return None
 
 
 def _format_problems(problems: list[Problem], from_env: Mapping[str, str]) -> str:

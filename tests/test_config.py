@@ -175,7 +175,7 @@ def test_files_the_config_names_must_exist(tmp_path: Path) -> None:
     existing, readable files; each missing one is named by its key (all at once). Static checks (e.g.
     of a rendered Helm chart, whose files exist only in the pod) can skip the file checks."""
     present = tmp_path / "present.pem"
-    present.write_text("x")
+    present.write_text("-----BEGIN CERTIFICATE-----\nMII=\n-----END CERTIFICATE-----\n")
     raw = minimal(
         outbound_ca_file=str(tmp_path / "absent-ca.pem"),
         cache_encryption_key={"file": str(tmp_path)},  # a directory
@@ -295,3 +295,18 @@ def test_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(path, environ={})
     assert f"{path}: not UTF-8 text" == str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"not a certificate\n", "holds no PEM certificate"),
+        (b"-----BEGIN CERTIFICATE-----\n\xff\xfe\n-----END CERTIFICATE-----\n", "is not ASCII PEM text"),
+    ],
+)
+def test_outbound_ca_file_must_hold_a_pem_certificate(tmp_path: Path, content: bytes, problem: str) -> None:
+    """outbound_ca_file is read into the outbound CA bundle at start: a file that is not ASCII PEM
+    holding a certificate is a config error naming the key, not a crash of `serve`."""
+    path = tmp_path / "ca.pem"
+    path.write_bytes(content)
+    assert f"outbound_ca_file: {path} {problem}" == error_for(minimal(outbound_ca_file=str(path)))
