@@ -1,9 +1,12 @@
 """Settings: the frozen configuration model, YAML + ``BROKER_*`` environment loading, validation.
 
 This is the only module that reads the process environment. Validation errors name the offending key
-(``apps.defender.client_id: ...``) so an operator can fix the file without reading code. Secrets never
-live in the file: credentials are *sources* (Key Vault secret or certificate, environment variable,
-mounted file) resolved later by ``vault.py``.
+(``apps.defender.client_id: ...``) so an operator can fix the file without reading code, and one
+``ConfigError`` lists every problem at once: field errors (with "did you mean" for misspelt keys),
+checks across fields, and files the configuration names that do not exist. Messages never quote a value
+that may hold a secret (a Redis URL's password). Secrets never live in the file: credentials are
+*sources* (Key Vault secret or certificate, environment variable, mounted file) resolved later by
+``vault.py``.
 """
 
 from __future__ import annotations
@@ -203,9 +206,9 @@ class CallerSettings(_Frozen):
     @field_validator("tenants")
     @classmethod
     def _tenants(cls, value: list[str]) -> list[str]:
-        for tenant in value:
-            if tenant != "*" and not is_tenant(tenant):
-                raise ValueError(f"{tenant!r} is neither '*', a tenant GUID nor a domain")
+        bad = [repr(tenant) for tenant in value if tenant != "*" and not is_tenant(tenant)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: neither '*', a tenant GUID nor a domain")
         return [tenant.lower() for tenant in value]
 
 
