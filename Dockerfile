@@ -11,6 +11,8 @@
 # (tini forwards it). Configuration: `--config FILE` or $BROKER_CONFIG; the Helm chart and
 # deploy/docker-compose.yml mount it at /etc/token-broker/broker.yaml and set BROKER_CONFIG. (Without either
 # the broker falls back to its embedded laptop defaults, which listen on 127.0.0.1 only.)
+# BROKER_LISTEN_HOST/BROKER_LISTEN_PORT and BROKER_METRICS_HOST/BROKER_METRICS_PORT override the file's
+# listen and metrics addresses; the HEALTHCHECK follows them.
 
 # Base image: pinned by tag; PYTHON_DIGEST (empty, or "@sha256:...") additionally pins it by digest.
 ARG PYTHON_TAG=3.11-slim-bookworm
@@ -83,9 +85,10 @@ WORKDIR /tmp
 
 EXPOSE 8080 9090
 
-# No curl in the image: probe /healthz with the interpreter that is already there.
+# No curl in the image: `token-broker healthcheck` probes /healthz on the port the broker was configured
+# with (its config file, BROKER_LISTEN_PORT), on loopback when it listens on a wildcard address.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=3).status == 200 else 1)"]
+    CMD ["token-broker", "healthcheck"]
 
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["tini", "--", "token-broker"]

@@ -10,7 +10,10 @@ Two credentials identify a caller:
   (``system:serviceaccount:NS:NAME``) mapped to a configured caller. A verified token is remembered
   (by its hash) until it expires, so verification stays off the hot path. An unknown ``kid`` refreshes
   the JWKS, at most once per ``jwks_refresh_min_seconds``, so a rotated signing key is picked up and a
-  flood of forged kids cannot hammer the issuer.
+  flood of forged kids cannot hammer the issuer. The header's ``alg`` must fit the key its ``kid`` names
+  (key type, curve, the JWK's own ``alg``): the token, not the issuer, chooses it.
+
+``authenticate`` raises only ``BrokerError``s for a bad credential, whatever bytes it is made of.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ class CallerRegistry:
                 self._by_account[caller.service_account] = _caller(name, caller)
         self._sa = settings.service_account_auth
         self._jwks_source = jwks_source
-        self._keys: dict[str, jwt.PyJWK] = {}
+        self._keys: dict[str, tuple[jwt.PyJWK, frozenset[str]]] = {}
         self._jwks_fetched_at = float("-inf")
         self._jwks_lock = asyncio.Lock()
         self._verified: OrderedDict[str, tuple[float, Caller]] = OrderedDict()
@@ -91,6 +94,10 @@ class CallerRegistry:
             raise InvalidClientError("Authorization must be a Bearer credential")
         if len(credential) > MAX_CREDENTIAL_LENGTH:
             raise InvalidClientError("unknown caller credential")
+        # API keys and JWTs are printable ASCII. aiohttp hands header bytes that are not UTF-8 over as
+        # lone surrogates, which cannot be hashed (encoded) at all: refuse them here, as a bad credential.
+        if not (credential.isascii() and credential.isprintable()):
+            raise InvalidClientError("caller credential must be printable ASCII")
         if credential.count(".") == 2 and self._sa is not None:
             return await self._authenticate_jwt(credential, self._sa)
         caller = self._by_hash.get(hash_api_key(credential))
@@ -113,7 +120,11 @@ class CallerRegistry:
         algorithm = header.get("alg")
         if algorithm not in sa.algorithms:
             raise InvalidClientError("caller token uses a signing algorithm that is not allowed")
-        key = await self._signing_key(str(header.get("kid", "")), sa)
+        key, key_algorithms = await self._signing_key(str(header.get("kid", "")), sa)
+        # The header picks the algorithm, so it must be one this key is for: otherwise PyJWT is asked to
+        # verify, say, ES256 with an RSA key (a TypeError), or PS256 with a key published for RS256 only.
+        if algorithm not in key_algorithms:
+            raise InvalidClientError("caller token's signing algorithm does not fit its key")
         try:
             claims = jwt.decode(
                 token,
@@ -131,6 +142,10 @@ class CallerRegistry:
         except jwt.InvalidTokenError as exc:
             # PyJWT's messages name the failed check, never the token's contents.
             raise InvalidClientError(f"caller token rejected: {exc}") from None
+        except (jwt.PyJWTError, TypeError, ValueError):
+            # A key PyJWT cannot use for this token (checked above; kept so that a bad credential can
+            # never become a 500 if PyJWT grows another key check).
+            raise InvalidClientError("caller token rejected: its key cannot verify it") from None
         account = self._by_account.get(str(claims["sub"]))
         if account is None:
             raise InvalidClientError("this service account is not a configured caller")
@@ -139,18 +154,21 @@ class CallerRegistry:
             self._verified.popitem(last=False)
         return account
 
-    async def _signing_key(self, kid: str, sa: ServiceAccountAuthSettings) -> jwt.PyJWK:
-        key = self._keys.get(kid)
-        if key is not None:
-            return key
+    async def _signing_key(
+        self, kid: str, sa: ServiceAccountAuthSettings
+    ) -> tuple[jwt.PyJWK, frozenset[str]]:
+        """The key ``kid`` names and the algorithms it may verify."""
+        found = self._keys.get(kid)
+        if found is not None:
+            return found
         async with self._jwks_lock:
-            key = self._keys.get(kid)
-            if key is None and time.monotonic() - self._jwks_fetched_at >= sa.jwks_refresh_min_seconds:
+            found = self._keys.get(kid)
+            if found is None and time.monotonic() - self._jwks_fetched_at >= sa.jwks_refresh_min_seconds:
                 await self._refresh_keys()
-                key = self._keys.get(kid)
-        if key is None:
+                found = self._keys.get(kid)
+        if found is None:
             raise InvalidClientError("caller token is signed by an unknown key")
-        return key
+        return found
 
     async def _refresh_keys(self) -> None:
         if self._jwks_source is None:
@@ -158,12 +176,51 @@ class CallerRegistry:
         self._jwks_fetched_at = time.monotonic()
         try:
             document = await self._jwks_source.fetch()
-            keys = jwt.PyJWKSet.from_dict(document).keys
+            keys = _usable_keys(document)
         except (OSError, ValueError, jwt.PyJWKSetError, json.JSONDecodeError) as exc:
             raise InvalidClientError(
                 f"cannot verify caller tokens now: signing keys unavailable ({type(exc).__name__})"
             ) from None
-        self._keys = {str(k.key_id): k for k in keys if k.key_id}
+        self._keys = keys
+
+
+# What each key type may verify (RFC 7518 §3.1): RSA keys the RSASSA algorithms, an EC key only the one
+# algorithm of its curve. A JWK's own ``alg``, when given, narrows that to exactly one.
+_RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+_EC_ALGORITHM_BY_CURVE = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
+
+
+def _key_algorithms(jwk: dict[str, Any]) -> frozenset[str]:
+    if isinstance(jwk.get("alg"), str):
+        return frozenset({jwk["alg"]})
+    if jwk.get("kty") == "RSA":
+        return _RSA_ALGORITHMS
+    if jwk.get("kty") == "EC" and jwk.get("crv") in _EC_ALGORITHM_BY_CURVE:
+        return frozenset({_EC_ALGORITHM_BY_CURVE[jwk["crv"]]})
+    return frozenset()
+
+
+def _usable_keys(document: dict[str, Any]) -> dict[str, tuple[jwt.PyJWK, frozenset[str]]]:
+    """kid -> (key, algorithms it may verify) for every usable signing key of a JWKS document.
+
+    Keys without a kid, of an unknown type or unparsable are skipped (as ``PyJWKSet`` does); a document
+    with none left is a ``PyJWKSetError``.
+    """
+    entries = document.get("keys")
+    if not isinstance(entries, list):
+        raise jwt.PyJWKSetError("the JWKS has no keys list")
+    keys: dict[str, tuple[jwt.PyJWK, frozenset[str]]] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or not entry.get("kid") or entry.get("use", "sig") != "sig":
+            continue
+        try:
+            key = jwt.PyJWK.from_dict(entry)
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+            continue
+        keys[str(entry["kid"])] = (key, _key_algorithms(entry))
+    if not keys:
+        raise jwt.PyJWKSetError("the JWKS has no usable signing keys")
+    return keys
 
 
 def _caller(name: str, settings: CallerSettings) -> Caller:

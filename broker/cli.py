@@ -1,7 +1,8 @@
-"""``token-broker`` commands: serve, check-config, hash-key, consent-url, probe, cache purge.
+"""``token-broker`` commands: serve, check-config, healthcheck, hash-key, consent-url, probe, cache purge.
 
 Errors go to stderr with a non-zero exit: 2 for a bad configuration or usage, 1 for a failed
-operation. ``probe`` never prints the token unless ``--show-token`` is given.
+operation (``healthcheck`` exits 0 or 1 only: Docker reserves 2). ``probe`` never prints the token
+unless ``--show-token`` is given.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import asyncio
 import json
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
@@ -31,8 +34,8 @@ def _run(coro: Coroutine[Any, Any, Any]) -> Any:
     return uvloop.run(coro)
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    settings = load_settings(args.config)
+def _settings(args: argparse.Namespace, *, check_files: bool = True) -> Settings:
+    settings = load_settings(args.config, check_files=check_files)
     overrides: dict[str, Any] = {}
     if getattr(args, "host", None) or getattr(args, "port", None) is not None:
         overrides["listen"] = settings.listen.model_copy(
@@ -72,6 +75,37 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"config OK: {len(settings.apps)} app(s), {len(settings.callers)} caller(s), "
         f"cache: {'redis' if settings.redis_url else 'in-process'}"
     )
+    return 0
+
+
+# Where a local client reaches a listener bound to a wildcard address.
+_LOOPBACK_FOR = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - matched, not bound
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 when the broker on this host answers ``/healthz`` on the port its configuration (file,
+    ``BROKER_*`` overrides) gives, else 1: the image's HEALTHCHECK, which must follow the configured
+    port rather than assume 8080."""
+    try:
+        # The files the configuration names were checked when the broker started; only the address
+        # matters here.
+        settings = _settings(args, check_files=False)
+    except ConfigError as exc:
+        print(f"token-broker: config error: {exc}", file=sys.stderr)
+        return EXIT_FAILED  # not EXIT_CONFIG: Docker reserves exit code 2 for healthchecks
+    host = _LOOPBACK_FOR.get(settings.listen.host, settings.listen.host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{settings.listen.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            status = int(response.status)
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (OSError, ValueError) as exc:
+        print(f"token-broker: {url} unreachable: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if status != 200:
+        print(f"token-broker: {url} answered {status}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
@@ -204,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = with_config(sub.add_parser("check-config", help="validate the configuration and exit"))
     check.set_defaults(func=cmd_check_config)
+
+    health = with_config(
+        sub.add_parser("healthcheck", help="exit 0 when the local broker answers /healthz (HEALTHCHECK)")
+    )
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    health.set_defaults(func=cmd_healthcheck)
 
     hash_key = sub.add_parser("hash-key", help="make a new caller API key and its config hash")
     hash_key.add_argument("--export", action="store_true", help="print as shell export lines")

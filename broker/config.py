@@ -1,17 +1,25 @@
 """Settings: the frozen configuration model, YAML + ``BROKER_*`` environment loading, validation.
 
 This is the only module that reads the process environment. Validation errors name the offending key
-(``apps.defender.client_id: ...``) so an operator can fix the file without reading code. Secrets never
-live in the file: credentials are *sources* (Key Vault secret or certificate, environment variable,
-mounted file) resolved later by ``vault.py``.
+(``apps.defender.client_id: ...``) so an operator can fix the file without reading code, and one
+``ConfigError`` lists every problem at once: field errors (with "did you mean" for misspelt keys),
+checks across fields, and files the configuration names that do not exist. Messages never quote a value
+that may hold a secret (a Redis URL's password). Secrets never live in the file: credentials are
+*sources* (Key Vault secret or certificate, environment variable, mounted file) resolved later by
+``vault.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import types
+import typing
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,11 +36,15 @@ from pydantic import (
 
 from broker.errors import ConfigError
 
-GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+# Every pattern here is used with ``fullmatch``, never ``match`` + ``$``: ``$`` also matches before a final
+# newline, so "contoso.onmicrosoft.com\n" would pass as a tenant (a second cache key, a forged log line).
+GUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # A verified domain: labels of letters, digits and hyphens, at least one dot, no trailing dot.
-DOMAIN_RE = re.compile(r"^(?=.{4,253}$)([a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z]{2,63}$")
-SHA256_HEX_RE = re.compile(r"^[0-9a-f]{64}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DOMAIN_RE = re.compile(r"(?=.{4,253}\Z)([a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z]{2,63}")
+SHA256_HEX_RE = re.compile(r"[0-9a-f]{64}")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+HTTPS_URL_RE = re.compile(r"https://[^\s/?#]+(/[^\s?#]*)?")
+ISSUER_URL_RE = re.compile(r"https?://[^\s/?#]+(/[^\s?#]*)?")
 
 CONFIG_ENV = "BROKER_CONFIG"
 # Top-level scalar keys that a ``BROKER_<KEY>`` environment variable may override (so an image or a
@@ -45,11 +57,15 @@ ENV_OVERRIDABLE = (
     "log_level",
     "azure_credential",
 )
+# Listener settings a ``BROKER_<SECTION>_<KEY>`` variable may override: a deployment decides where the
+# broker listens (a Helm chart's probes and Service target 0.0.0.0:containerPort) even when the
+# configuration file is the user's own, mounted from a Secret.
+ENV_OVERRIDABLE_NESTED = (("listen", "host"), ("listen", "port"), ("metrics", "host"), ("metrics", "port"))
 
 
 def is_tenant(value: str) -> bool:
     """True for a tenant GUID or a verified-domain name."""
-    return bool(GUID_RE.match(value) or DOMAIN_RE.match(value))
+    return bool(GUID_RE.fullmatch(value) or DOMAIN_RE.fullmatch(value))
 
 
 def normalise_resource(value: str) -> str:
@@ -60,13 +76,13 @@ def normalise_resource(value: str) -> str:
 
 
 def _check_guid(value: str) -> str:
-    if not GUID_RE.match(value):
+    if not GUID_RE.fullmatch(value):
         raise ValueError("must be a GUID such as 11111111-2222-3333-4444-555555555555")
     return value.lower()
 
 
 def _check_https_url(value: str) -> str:
-    if not re.match(r"^https://[^\s/?#]+(/[^\s?#]*)?$", value):
+    if not HTTPS_URL_RE.fullmatch(value):
         raise ValueError("must be an https:// URL")
     return value.rstrip("/")
 
@@ -137,7 +153,7 @@ class AppSettings(_Frozen):
 
 
 SERVICE_ACCOUNT_RE = re.compile(
-    r"^system:serviceaccount:[a-z0-9]([-a-z0-9]*[a-z0-9])?:[a-z0-9]([-.a-z0-9]*[a-z0-9])?$"
+    r"system:serviceaccount:[a-z0-9]([-a-z0-9]*[a-z0-9])?:[a-z0-9]([-.a-z0-9]*[a-z0-9])?"
 )
 
 
@@ -155,7 +171,7 @@ class ServiceAccountAuthSettings(_Frozen):
     @field_validator("issuer")
     @classmethod
     def _issuer(cls, value: str) -> str:
-        if not re.match(r"^https?://[^\s/?#]+", value):
+        if not ISSUER_URL_RE.fullmatch(value):
             raise ValueError("must be the issuer URL (https:// in production)")
         return value
 
@@ -178,7 +194,7 @@ class CallerSettings(_Frozen):
     @field_validator("service_account")
     @classmethod
     def _service_account(cls, value: str | None) -> str | None:
-        if value is not None and not SERVICE_ACCOUNT_RE.match(value):
+        if value is not None and not SERVICE_ACCOUNT_RE.fullmatch(value):
             raise ValueError("must be system:serviceaccount:NAMESPACE:NAME")
         return value
 
@@ -188,21 +204,25 @@ class CallerSettings(_Frozen):
         if value is None:
             return None
         value = value.lower()
-        if not SHA256_HEX_RE.match(value):
+        if not SHA256_HEX_RE.fullmatch(value):
             raise ValueError("must be 64 hex characters (token-broker hash-key prints one)")
         return value
 
     @field_validator("tenants")
     @classmethod
     def _tenants(cls, value: list[str]) -> list[str]:
-        for tenant in value:
-            if tenant != "*" and not is_tenant(tenant):
-                raise ValueError(f"{tenant!r} is neither '*', a tenant GUID nor a domain")
+        bad = [repr(tenant) for tenant in value if tenant != "*" and not is_tenant(tenant)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: neither '*', a tenant GUID nor a domain")
         return [tenant.lower() for tenant in value]
 
 
 class Settings(_Frozen):
-    """The whole broker configuration, validated once at start."""
+    """The whole broker configuration, validated once at start.
+
+    Build it with ``parse_settings``/``load_settings``: the checks across fields and of the files the
+    configuration names live there, so that they are reported together with every field error.
+    """
 
     listen: ListenSettings = ListenSettings()
     metrics: MetricsSettings = MetricsSettings()
@@ -248,41 +268,18 @@ class Settings(_Frozen):
     @field_validator("redis_url")
     @classmethod
     def _redis(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^(redis|rediss|unix)://", value):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        problem = None if value is None else redis_url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("apps", "callers")
     @classmethod
     def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for name in value:
-            if not NAME_RE.match(name):
-                raise ValueError(f"{name!r} is not a valid name (letters, digits, _ . -)")
+        bad = [repr(name) for name in value if not NAME_RE.fullmatch(name)]
+        if bad:
+            raise ValueError(f"not a valid name: {', '.join(bad)} (letters, digits, _ . -)")
         return value
-
-    @model_validator(mode="after")
-    def _cross_checks(self) -> Settings:
-        for name, caller in self.callers.items():
-            for app in caller.apps:
-                if app != "*" and app not in self.apps:
-                    raise ValueError(f"callers.{name}.apps: unknown app {app!r}")
-        if self.redis_url and self.cache_encryption_key is None:
-            raise ValueError("cache_encryption_key: required when redis_url is set")
-        sources = [(f"apps.{n}.credential", a.credential) for n, a in self.apps.items()]
-        if self.cache_encryption_key is not None:
-            sources.append(("cache_encryption_key", self.cache_encryption_key))
-        for where, source in sources:
-            if source.uses_key_vault and not self.key_vault_url:
-                raise ValueError(f"key_vault_url: required by {where} ({source.kind})")
-        hashes = [c.api_key_sha256 for c in self.callers.values() if c.api_key_sha256]
-        if len(hashes) != len(set(hashes)):
-            raise ValueError("callers: two callers share one api_key_sha256")
-        accounts = [c.service_account for c in self.callers.values() if c.service_account]
-        if len(accounts) != len(set(accounts)):
-            raise ValueError("callers: two callers share one service_account")
-        if accounts and self.service_account_auth is None:
-            raise ValueError("service_account_auth: required by callers with service_account")
-        return self
 
     # --- what each component needs, derived once (one owner per derived value) -------------------
 
@@ -354,7 +351,7 @@ class CacheOptions:
 class RedisOptions:
     """``cache.connect_redis``: the one place Redis clients are built from."""
 
-    url: str = field(repr=False)  # may hold a password
+    url: str = dataclasses.field(repr=False)  # may hold a password
     timeout_seconds: float
     max_connections: int
     pool_timeout_seconds: float  # waiting for a free pooled connection
@@ -371,29 +368,267 @@ class EntraOptions:
     timeout_seconds: float
 
 
-def _format_validation_error(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        path = ".".join(str(part) for part in err["loc"] if not str(part).startswith("function-"))
+# --- validation beyond single fields ---------------------------------------------------------------------
+#
+# Everything below reports *problems* as (dotted key, message) pairs, so that one run of ``check-config``
+# or ``serve`` names every mistake in the file at once. Messages never quote a value that may hold a
+# secret (a Redis URL's password): they name the key and say what is wrong with it.
+
+Problem = tuple[str, str]
+
+_PERCENT_ENCODE = (
+    "; if the password holds '/', '?', '#', '@' or '%', percent-encode the password "
+    "('/' is %2F, '?' %3F, '#' %23, '@' %40, '%' %25)"
+)
+# Query parameters redis-py converts (redis.connection.URL_QUERY_ARGUMENT_PARSERS) and refuses if
+# they do not convert; the boolean and list ones accept anything.
+_REDIS_NUMERIC_QUERY: dict[str, type[int] | type[float]] = {
+    "db": int,
+    "socket_timeout": float,
+    "socket_connect_timeout": float,
+    "socket_read_size": int,
+    "max_connections": int,
+    "health_check_interval": int,
+    "ssl_min_version": int,
+    "timeout": float,
+    "protocol": int,
+}
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What would make redis-py refuse or misread ``url`` (mirroring ``redis.connection.parse_url``
+    without importing redis), in words that quote none of it; ``None`` when it is fine.
+
+    A raw '/', '?' or '#' in the password silently ends the authority part: the rest of the password
+    becomes a port, path, query or fragment, and redis-py's own error would quote it.
+    """
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return "must start with redis://, rediss:// or unix://"
+    if any(char.isspace() or not char.isprintable() for char in url):
+        return "must not contain spaces, newlines or control characters"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # raises ValueError when what follows the last ':' is not a port number
+    except ValueError:
+        return "cannot be parsed: the host or port is malformed" + _PERCENT_ENCODE
+    if parts.fragment or url.endswith("#"):
+        return "cannot be parsed: it contains a raw '#'" + _PERCENT_ENCODE
+    if parts.scheme == "unix":
+        if not parts.path:
+            return "a unix socket URL needs the socket's path after the scheme"
+    else:
+        if not parts.hostname:
+            return "cannot be parsed: it names no host" + _PERCENT_ENCODE
+        if port == 0:
+            return "cannot be parsed: port 0" + _PERCENT_ENCODE
+        if parts.path not in ("", "/") and not parts.path[1:].isdigit():
+            return "cannot be parsed: the database (the path) must be a number such as /0" + _PERCENT_ENCODE
+    for name, values in urllib.parse.parse_qs(parts.query).items():
+        convert = _REDIS_NUMERIC_QUERY.get(name)
+        if convert is not None:
+            try:
+                convert(values[0])
+            except ValueError:
+                return f"query parameter {name!r} must be a number"
+    return None
+
+
+def _suggestion(word: str, candidates: typing.Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest candidate, or nothing."""
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The settings model an annotation holds (``X``, ``X | None``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the settings model accepts at ``loc`` (a path from the top of the file), for
+    did-you-mean: through models by field name, through ``dict``/``list`` values by any key or index."""
+    annotation: Any = Settings
+    for part in loc:
+        model = _model_in(annotation)
+        if model is not None:
+            field = model.model_fields.get(str(part))
+            if field is None:
+                return []
+            annotation = field.annotation
+            continue
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        if origin is dict and len(args) == 2:
+            annotation = args[1]
+        elif origin is list and args:
+            annotation = args[0]
+        else:
+            return []
+    model = _model_in(annotation)
+    return list(model.model_fields) if model is not None else []
+
+
+def _validation_problems(exc: ValidationError) -> list[Problem]:
+    problems = []
+    for err in exc.errors(include_input=False, include_url=False):
+        loc = tuple(part for part in err["loc"] if not str(part).startswith("function-"))
         message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            message = "unknown key"
-        lines.append(f"{path}: {message}" if path else message)
-    return "; ".join(lines)
+        if err["type"] == "extra_forbidden" and loc:
+            message = "unknown key" + _suggestion(str(loc[-1]), _keys_at(loc[:-1]))
+        problems.append((".".join(str(part) for part in loc), message))
+    return problems
 
 
-def parse_settings(raw: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
-    """Validate a mapping (plus ``BROKER_*`` overrides) into ``Settings`` or raise ``ConfigError``."""
-    environ = os.environ if environ is None else environ
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _credential_sources(data: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(key, source) for every credential source in the raw configuration, however malformed."""
+    for name, app in _mapping(data.get("apps")).items():
+        yield f"apps.{name}.credential", _mapping(_mapping(app).get("credential"))
+    yield "cache_encryption_key", _mapping(data.get("cache_encryption_key"))
+
+
+def _cross_field_problems(data: Mapping[str, Any]) -> list[Problem]:
+    """Checks that span several settings, on the raw data: they run (and report) even when some field
+    is invalid, skipping only what they cannot read."""
+    problems: list[Problem] = []
+    apps = _mapping(data.get("apps"))
+    callers = {name: _mapping(caller) for name, caller in _mapping(data.get("callers")).items()}
+    for name, caller in callers.items():
+        wanted = caller.get("apps")
+        for app in wanted if isinstance(wanted, list) else []:
+            if isinstance(app, str) and app != "*" and app not in apps:
+                problems.append((f"callers.{name}.apps", f"unknown app {app!r}" + _suggestion(app, apps)))
+    if data.get("redis_url") and data.get("cache_encryption_key") is None:
+        problems.append(("cache_encryption_key", "required when redis_url is set"))
+    if not data.get("key_vault_url"):
+        for where, source in _credential_sources(data):
+            for kind in ("secret", "certificate"):
+                if source.get(kind):
+                    problems.append(("key_vault_url", f"required by {where} ({kind})"))
+    for field in ("api_key_sha256", "service_account"):
+        first_with: dict[str, str] = {}
+        for name, caller in callers.items():
+            value = caller.get(field)
+            if not isinstance(value, str) or not value:
+                continue
+            value = value.lower() if field == "api_key_sha256" else value
+            if value in first_with:
+                problems.append(("callers", f"{first_with[value]} and {name} share one {field}"))
+            else:
+                first_with[value] = name
+    if any(caller.get("service_account") for caller in callers.values()) and not data.get(
+        "service_account_auth"
+    ):
+        problems.append(("service_account_auth", "required by callers with service_account"))
+    return problems
+
+
+def _file_problem(path: Path) -> str | None:
+    if not path.exists():
+        return f"file {path} does not exist"
+    if not path.is_file():
+        return f"{path} is not a file"
+    if not os.access(path, os.R_OK):
+        return f"file {path} is not readable by this user (uid {os.getuid()})"
+    return None
+
+
+def _missing_file_problems(data: Mapping[str, Any]) -> list[Problem]:
+    """Every file the configuration names must exist and be readable now: a typo in a path is found at
+    start, not at the first token request."""
+    named: list[tuple[str, Any]] = [
+        ("outbound_ca_file", data.get("outbound_ca_file")),
+        ("service_account_auth.jwks_file", _mapping(data.get("service_account_auth")).get("jwks_file")),
+    ]
+    named += [(f"{where}.file", source.get("file")) for where, source in _credential_sources(data)]
+    problems = []
+    for key, value in named:
+        if isinstance(value, str | Path) and str(value):
+            problem = _file_problem(Path(value))
+            if problem is None and key == "outbound_ca_file":
+                problem = _ca_file_problem(Path(value))
+            if problem is not None:
+                problems.append((key, problem))
+    return problems
+
+
+def _ca_file_problem(path: Path) -> str | None:
+    """The extra CA is appended to the public roots at start (``tls.build_ca_bundle``): it must be
+    ASCII PEM holding at least one certificate."""
+    try:
+        text = path.read_text(encoding="ascii")
+    except UnicodeDecodeError:
+        return f"{path} is not ASCII PEM text"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        return f"{path} holds no PEM certificate"
+    return None
+
+
+def _format_problems(problems: list[Problem], from_env: Mapping[str, str]) -> str:
+    lines = []
+    for key, message in dict.fromkeys(problems):  # in order, each once
+        variable = from_env.get(key) or from_env.get(key.split(".", 1)[0])
+        suffix = f" (set by {variable})" if variable else ""
+        lines.append(f"{key}: {message}{suffix}" if key else message)
+    if len(lines) == 1:
+        return lines[0]
+    return f"{len(lines)} problems in the configuration:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def _with_env_overrides(
+    raw: Mapping[str, Any], environ: Mapping[str, str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """``raw`` with the ``BROKER_*`` overrides applied, and which key each variable set."""
     data = dict(raw)
+    from_env: dict[str, str] = {}
     for key in ENV_OVERRIDABLE:
-        value = environ.get(f"BROKER_{key.upper()}")
+        variable = f"BROKER_{key.upper()}"
+        value = environ.get(variable)
         if value:
             data[key] = value
+            from_env[key] = variable
+    for section, key in ENV_OVERRIDABLE_NESTED:
+        variable = f"BROKER_{section.upper()}_{key.upper()}"
+        value = environ.get(variable)
+        current = data.get(section)
+        # A section that is not a mapping is left for validation to report.
+        if value and (current is None or isinstance(current, Mapping)):
+            data[section] = {**(current or {}), key: value}
+            from_env[f"{section}.{key}"] = variable
+    return data, from_env
+
+
+def parse_settings(
+    raw: Mapping[str, Any], environ: Mapping[str, str] | None = None, *, check_files: bool = True
+) -> Settings:
+    """Validate a mapping (plus ``BROKER_*`` overrides) into ``Settings`` or raise ``ConfigError``
+    naming every problem. ``check_files=False`` skips the checks that the files named exist (for static
+    checks of a configuration meant for another machine, such as a rendered Helm chart)."""
+    environ = os.environ if environ is None else environ
+    data, from_env = _with_env_overrides(raw, environ)
+    problems: list[Problem] = []
+    settings: Settings | None = None
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from None
+        problems += _validation_problems(exc)
+    problems += _cross_field_problems(data)
+    if check_files:
+        problems += _missing_file_problems(data)
+    if problems or settings is None:
+        raise ConfigError(_format_problems(problems, from_env))
+    return settings
 
 
 def default_raw_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -424,13 +659,15 @@ def default_raw_settings(environ: Mapping[str, str] | None = None) -> dict[str, 
     }
 
 
-def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+def load_settings(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None, *, check_files: bool = True
+) -> Settings:
     """Load the YAML file at ``path`` (or ``$BROKER_CONFIG``; else the embedded defaults)."""
     environ = os.environ if environ is None else environ
     path = path or environ.get(CONFIG_ENV) or None
     if path is None:
         try:
-            return parse_settings(default_raw_settings(environ), environ)
+            return parse_settings(default_raw_settings(environ), environ, check_files=check_files)
         except ConfigError as exc:
             raise ConfigError(
                 f"{exc} (no --config or BROKER_CONFIG given: the embedded defaults need "
@@ -440,13 +677,25 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        # Not str(exc): PyYAML quotes the offending line, which may hold a Redis password.
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_error_summary(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    return parse_settings(raw, environ)
+    return parse_settings(raw, environ, check_files=check_files)
+
+
+def _yaml_error_summary(exc: yaml.YAMLError) -> str:
+    """The problem and where it is (line, column), without the snippet of the file PyYAML adds."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"{exc.problem or exc.context or 'syntax error'}{where}"
+    return type(exc).__name__
 
 
 def read_env_secret(name: str) -> str | None:

@@ -1,4 +1,5 @@
-"""Every Prometheus metric of the broker, registered on an injected ``CollectorRegistry``.
+"""Every Prometheus metric of the broker, registered on an injected ``CollectorRegistry``, plus the
+process, Python platform and GC collectors.
 
 Nothing touches the global registry, so two apps in one process (tests) do not collide. Labels are
 bounded: caller and app names come from the configuration, outcomes and layers from fixed sets, AADSTS
@@ -9,7 +10,16 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from broker import __version__
 
@@ -25,6 +35,11 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # process_* (memory, CPU, open fds), python_info and python_gc_*: the client registers these on
+        # its global registry by default, which the broker never serves, so register them here.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.token_requests = Counter(
             "broker_token_requests",
             "Token requests by caller and outcome.",

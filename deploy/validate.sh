@@ -154,6 +154,20 @@ def check_rendered(rendered, values_file, expect_sm):
     env = {e["name"]: e for e in ctr.get("env", [])}
     if "BROKER_CONFIG" not in env:
         fail("BROKER_CONFIG not set")
+    # Listen addresses and the extra CA reach the broker as env overrides, so they hold whatever the
+    # config file says (with config.existingSecret it is the user's own, perhaps without listen:).
+    want = {"BROKER_LISTEN_HOST": "0.0.0.0", "BROKER_LISTEN_PORT": str(ports["http"]),
+            "BROKER_METRICS_HOST": "0.0.0.0", "BROKER_METRICS_PORT": str(ports["metrics"])}
+    chart_values = yaml.safe_load(open("helm/token-broker/values.yaml"))
+    extra_ca = {**chart_values["extraCA"], **(values.get("extraCA") or {})}
+    if extra_ca["configMap"] or extra_ca["secret"]:
+        mount = extra_ca["mountPath"].rstrip("/")
+        want["BROKER_OUTBOUND_CA_FILE"] = f"{mount}/{extra_ca['key']}"
+        if mount not in [m["mountPath"] for m in ctr["volumeMounts"]]:
+            fail(f"extraCA set but nothing is mounted at {mount}")
+    got = {name: env[name].get("value") for name in want if name in env}
+    if got != want:
+        fail(f"broker env overrides: expected {want}, rendered {got}")
     # Probes.
     if ctr["readinessProbe"]["httpGet"]["path"] != "/readyz" or ctr["livenessProbe"]["httpGet"]["path"] != "/healthz" \
             or ctr["startupProbe"]["httpGet"]["path"] != "/healthz":
@@ -257,7 +271,8 @@ else:  # compose: the inline config, ${VAR:-default} replaced by its default
     c = yaml.safe_load(open(path))
     text = c["configs"]["broker-config"]["content"]
     raw = yaml.safe_load(re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", text))
-s = parse_settings(raw, {})
+# The files the config names (CA, credential files) exist only inside the pod / container.
+s = parse_settings(raw, {}, check_files=False)
 print(f"apps={sorted(s.apps)} callers={sorted(s.callers)} listen={s.listen.host}:{s.listen.port}")
 PY
 if [[ -x "$BROKER_PY" ]] && (cd "$ROOT" && "$BROKER_PY" -c 'import broker.config') >/dev/null 2>&1; then

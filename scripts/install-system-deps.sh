@@ -1,12 +1,42 @@
 #!/usr/bin/env bash
-# System packages the test suite needs, from Debian: redis-server (the tests start their own on a
-# free port), promtool (from the prometheus package: checks and unit-tests the alert rules) and wrk
-# (the benchmarks' load generator; the suite runs a smoke of them).
+# System packages, from Debian, by group:
+#   test   redis-server (the tests start their own on a free port) and promtool (from the prometheus
+#          package: checks and unit-tests the alert rules). `make install` / `make test`.
+#   bench  wrk (the benchmarks' load generator; without it they fall back to a slower asyncio client).
+#          `make bench`.
+# Running the service needs none of them (`make run` never calls this script).
+#
+# Usage: install-system-deps.sh GROUP...        install what is missing (as root; else say what to run)
+#        install-system-deps.sh --list GROUP...  print the groups' Debian packages, install nothing
 set -euo pipefail
+
+# command:package pairs per group
+packages_of() {
+    case "$1" in
+        test) echo "redis-server:redis-server promtool:prometheus" ;;
+        bench) echo "wrk:wrk" ;;
+        *) echo "unknown group: $1 (test, bench)" >&2; exit 2 ;;
+    esac
+}
+
+list=0
+if [ "${1:-}" = --list ]; then
+    list=1
+    shift
+fi
+[ $# -gt 0 ] || { echo "usage: $0 [--list] GROUP... (test, bench)" >&2; exit 2; }
+
 missing=()
-command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
-command -v wrk >/dev/null 2>&1 || missing+=(wrk)  # the benchmarks' load generator
+for group in "$@"; do
+    for pair in $(packages_of "$group"); do
+        if [ "$list" = 1 ]; then
+            echo "${pair#*:}"
+        elif ! command -v "${pair%%:*}" >/dev/null 2>&1; then
+            missing+=("${pair#*:}")
+        fi
+    done
+done
+[ "$list" = 1 ] && exit 0
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "missing system packages: ${missing[*]} (Debian: apt-get install ${missing[*]})" >&2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -10,6 +11,9 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from broker.callers import CallerRegistry, hash_api_key, new_api_key
 from broker.config import Settings, parse_settings
@@ -187,3 +191,80 @@ async def test_rotated_signing_key_is_fetched_once_and_rate_limited(issuer: Issu
     issuer.add_key("rsa-3")
     assert "siem" == (await reg2.authenticate(f"Bearer {issuer.token('rsa-3')}")).name
     assert 2 == source2.reads
+
+
+# aiohttp decodes header bytes as UTF-8 with surrogateescape, so bytes that are not UTF-8 reach
+# authenticate() as lone surrogates (U+DC80..U+DCFF), which str.encode() refuses.
+NON_UTF8 = [
+    pytest.param(b"Bearer \xff\xfe\xfd".decode("utf-8", "surrogateescape"), id="api-key-bytes"),
+    pytest.param(b"Bearer tbk_\xc3\x28abc".decode("utf-8", "surrogateescape"), id="broken-sequence"),
+    pytest.param(b"Bearer a.b\x80.c".decode("utf-8", "surrogateescape"), id="jwt-shaped-bytes"),
+    pytest.param("Bearer caf\u00e9", id="non-ascii-utf8"),
+]
+
+
+@pytest.mark.parametrize("header", NON_UTF8)
+async def test_non_utf8_or_non_ascii_credentials_are_invalid_client(issuer: Issuer, header: str) -> None:
+    """A Bearer credential holding bytes that are not UTF-8 (as aiohttp hands them over: surrogate
+    escapes) or any non-ASCII character is a 401 invalid_client, not a UnicodeEncodeError (500)."""
+    with pytest.raises(InvalidClientError) as info:
+        await registry(issuer)[0].authenticate(header)
+    assert (401, "invalid_client") == (info.value.status, info.value.error)
+
+
+def _token_signed_as(issuer: Issuer, algorithm: str, kid: str) -> str:
+    """A well-formed service-account token whose header claims ``algorithm`` and ``kid``, signed with the
+    issuer's RSA key for ``kid`` when both are RSA, else with a fresh key of the kind the algorithm needs."""
+    now = int(time.time())
+    claims = {"iss": ISSUER, "sub": ACCOUNT, "aud": ["token-broker"], "iat": now, "exp": now + 600}
+    keys: dict[str, Any] = {
+        "HS256": "k" * 32,
+        "ES256": ec.generate_private_key(ec.SECP256R1()),
+        "ES384": ec.generate_private_key(ec.SECP384R1()),
+        "RS256": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        "PS256": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+    }
+    key, kind = issuer.keys[kid]
+    if algorithm[0] in "RP" and kind[0] in "RP":
+        keys[algorithm] = key  # the issuer's RSA key: only the alg it declares can refuse this token
+    return jwt.encode(claims, keys[algorithm], algorithm=algorithm, headers={"kid": kid})
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "kid"),
+    [
+        ("ES256", "rsa-1"),  # allowed algorithm, but the kid names an RSA key
+        ("PS256", "ec-1"),  # allowed algorithm, but the kid names an EC key
+        ("RS256", "ec-1"),
+        ("HS256", "rsa-1"),  # never allowed: HMAC with the public key as the secret
+        ("ES384", "ec-1"),  # EC, but the key is P-256
+        ("PS256", "rsa-1"),  # RSA, but the JWKS entry declares alg RS256
+    ],
+)
+async def test_algorithm_that_does_not_fit_the_key_is_invalid_client(
+    issuer: Issuer, algorithm: str, kid: str
+) -> None:
+    """A service-account token whose header ``alg`` does not fit the key its ``kid`` names (key type,
+    curve, or the alg the JWKS declares for it) is a 401 invalid_client, never a TypeError (500)."""
+    config = settings(issuer.path)
+    assert config.service_account_auth is not None
+    everything = config.service_account_auth.model_copy(
+        update={"algorithms": ["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]}
+    )
+    config = config.model_copy(update={"service_account_auth": everything})
+    reg = CallerRegistry(config, JwksFetcher(everything, None))
+    with pytest.raises(InvalidClientError) as info:
+        await reg.authenticate(f"Bearer {_token_signed_as(issuer, algorithm, kid)}")
+    assert (401, "invalid_client") == (info.value.status, info.value.error)
+
+
+@hypothesis_settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(parts=st.lists(st.binary(max_size=40), min_size=1, max_size=4))
+def test_any_header_bytes_are_invalid_client(issuer: Issuer, parts: list[bytes]) -> None:
+    """Whatever bytes follow `Bearer ` (decoded as aiohttp does; JWT-shaped when they come in three
+    dot-separated parts), authenticate raises InvalidClientError, never another exception (a 500)."""
+    credential = b".".join(parts).decode("utf-8", "surrogateescape")
+    with pytest.raises(InvalidClientError):
+        asyncio.run(registry(issuer)[0].authenticate(f"Bearer {credential}"))

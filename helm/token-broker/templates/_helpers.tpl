@@ -84,9 +84,14 @@ metrics taken from containerPorts and outbound_ca_file from extraCA.
 {{- $_ := set $cfg "listen" (dict "host" "0.0.0.0" "port" (int .Values.containerPorts.http)) -}}
 {{- $_ := set $cfg "metrics" (dict "host" "0.0.0.0" "port" (int .Values.containerPorts.metrics)) -}}
 {{- if include "token-broker.extraCA.enabled" . -}}
-{{- $_ := set $cfg "outbound_ca_file" (printf "%s/%s" (trimSuffix "/" .Values.extraCA.mountPath) .Values.extraCA.key) -}}
+{{- $_ := set $cfg "outbound_ca_file" (include "token-broker.extraCA.file" .) -}}
 {{- end -}}
 {{- toYaml $cfg -}}
+{{- end -}}
+
+{{/* Where the extra CA bundle is mounted (outbound_ca_file / BROKER_OUTBOUND_CA_FILE). */}}
+{{- define "token-broker.extraCA.file" -}}
+{{- printf "%s/%s" (trimSuffix "/" .Values.extraCA.mountPath) .Values.extraCA.key -}}
 {{- end -}}
 
 {{- define "token-broker.extraCA.enabled" -}}
