@@ -1,13 +1,18 @@
-"""`make demo`: the whole flow on this machine, then everything it started is stopped.
+"""`make demo`: try token-broker with no Entra app of your own, on this machine.
 
 Starts a redis-server, the Entra ID + Key Vault emulator (its demo world: tenant contoso has consented
 the Defender app, fabrikam has not; the app secret and the cache key live only in the emulated Key
-Vault) and two broker replicas sharing Redis; then asks for tokens and prints what happened.
+Vault) and two broker replicas sharing Redis; asks for tokens and prints what happened; then keeps the
+stack running until Ctrl-C and prints a caller key and the exact commands to try against it.
+``--once`` stops everything after the walk-through instead (the test suite runs it that way).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,7 +46,46 @@ def show(response: requests.Response) -> dict[str, object]:
     return body
 
 
+def try_it_yourself(replica: BrokerProcess, key: str, ca_note: str) -> None:
+    """Print the caller key and the exact commands to try while the stack keeps running."""
+    step("the stack keeps running: try it yourself (Ctrl-C stops everything)")
+    auth = shlex.quote(f"Authorization: Bearer {key}")
+    for tenant, what in (
+        ("contoso.onmicrosoft.com", "consented: a token"),
+        ("fabrikam.onmicrosoft.com", "not consented: consent_required and the consent link"),
+    ):
+        body = shlex.quote(json.dumps({"tenant": tenant, "resource": DEFENDER_XDR}))
+        print(f"   # {what}")
+        print(f"   curl -s {replica.url}/v1/token -H {auth} -H 'Content-Type: application/json' -d {body}")
+    print("   # the metrics and readiness")
+    print(f"   curl -s http://127.0.0.1:{replica.metrics_port}/metrics | grep ^broker_")
+    print(f"   curl -s {replica.url}/readyz")
+    print("   # the CLI against the same configuration (decoded claims, never the token)")
+    print(
+        f"   {sys.executable} -m broker.cli probe --config {shlex.quote(str(replica.config_path))} "
+        f"--tenant contoso.onmicrosoft.com --resource {DEFENDER_XDR}"
+    )
+    print(f"   caller key: {key}  ({ca_note})")
+    print(
+        "\n   With your own Entra app: see README 'Quick start' (make venv, hash-key, "
+        "BROKER_CLIENT_ID/BROKER_CLIENT_SECRET, make run)."
+    )
+    sys.stdout.flush()
+
+
+def wait_for_interrupt() -> None:
+    """Block until Ctrl-C or SIGTERM."""
+    received: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda number, _frame: received.append(number))
+    while not received:
+        signal.pause()
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--once", action="store_true", help="stop everything after the walk-through")
+    args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="token-broker-demo-"))
     redis = RedisServer(work)
     emulator = None
@@ -128,6 +172,9 @@ def main() -> int:
             ):
                 print("   " + line)
         print(f"\nOK: contoso ({CONTOSO_TENANT_ID}) served by both replicas with one Entra request.")
+        if not args.once:
+            try_it_yourself(replicas[0], key, "a demo key: it exists only in this stack's configuration")
+            wait_for_interrupt()
         return 0
     finally:
         step("stopping everything the demo started")

@@ -1,9 +1,13 @@
-"""`make demo` keeps working: the script runs end to end and stops what it started."""
+"""`make demo` keeps working: the walk-through runs end to end, and the stack then keeps running for
+someone to try until Ctrl-C, stopping what it started."""
 
 from __future__ import annotations
 
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -12,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_demo_runs_end_to_end() -> None:
     """The demo gets a token, a cache hit on the other replica, a consent error, and exits 0."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "demo.py")],
+        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--once"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -24,3 +28,43 @@ def test_demo_runs_end_to_end() -> None:
     assert "cache_layer=redis" in result.stdout
     assert '"error": "consent_required"' in result.stdout
     assert "== stopping everything the demo started" in result.stdout
+
+
+def test_demo_keeps_the_stack_running_and_its_printed_commands_work() -> None:
+    """Without --once the demo stays up after the walk-through and prints commands that work as
+    printed: the consented tenant's curl gets a token, the unconsented one's consent_required; Ctrl-C
+    then stops everything and exits 0."""
+    demo = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "demo.py")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+    lines: list[str] = []
+    try:
+        assert demo.stdout is not None
+        deadline = time.monotonic() + 120
+        while not any(line.strip().startswith("caller key:") for line in lines):
+            assert time.monotonic() < deadline, "".join(lines)
+            line = demo.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        curls = [
+            line.strip() for line in lines if line.strip().startswith("curl -s http") and "/v1/token" in line
+        ]
+        assert 2 == len(curls), "".join(lines)
+        answers = [
+            subprocess.run(shlex.split(curl), capture_output=True, text=True, timeout=30, check=True).stdout
+            for curl in curls
+        ]
+        assert '"access_token"' in answers[0]
+        assert '"consent_required"' in answers[1]
+        demo.send_signal(signal.SIGINT)
+        output, _ = demo.communicate(timeout=60)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(10)
+    assert 0 == demo.returncode
+    assert "== stopping everything the demo started" in output
