@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from broker.cache import PURGE_CHANNEL, TokenCache
-from broker.callers import CallerRegistry
+from broker.callers import Caller, CallerRegistry
 from broker.config import Settings, is_tenant, normalise_resource
 from broker.crypto import Sealer, parse_key
 from broker.entra import EntraClient
@@ -168,34 +168,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 async def token_handler(request: web.Request) -> web.Response:
-    started = time.perf_counter()
     app = request.app
-    metrics = app[METRICS]
-    caller_name = "-"
-    token_request: TokenRequest | None = None
-    issued: Issued | None = None
-    outcome = "ok"
-    try:
-        caller = await app[CALLERS].authenticate(request.headers.get("Authorization"))
-        caller_name = caller.name
-        token_request = parse_token_request(await _read_json(request, app[SETTINGS].max_body_bytes))
-        issued = await app[BROKER].get_token(caller, token_request)
-    except BrokerError as exc:
-        outcome = exc.error
-        raise
-    finally:
-        elapsed = time.perf_counter() - started
-        metrics.child(metrics.token_requests, caller_name, outcome).inc()
-        metrics.child(metrics.token_request_seconds, outcome).observe(elapsed)
-        _audit(app[AUDIT], caller_name, token_request, issued, outcome, elapsed)
+    issued = await issue_token(
+        app,
+        "v1",
+        lambda: app[CALLERS].authenticate(request.headers.get("Authorization")),
+        lambda: _read_token_request(request, app[SETTINGS].max_body_bytes),
+    )
     token = issued.token
-    remaining = int(token.remaining_seconds())
-    metrics.served_token_remaining_seconds.observe(remaining)
     return _json_response(
         {
             "access_token": token.token,
             "token_type": "Bearer",
-            "expires_in": remaining,
+            "expires_in": int(token.remaining_seconds()),
             "expires_on": int(token.expires_on),
             "tenant_id": token.tenant_id,
             "resource": token.resource,
@@ -204,18 +189,57 @@ async def token_handler(request: web.Request) -> web.Response:
     )
 
 
+async def issue_token(
+    app: web.Application,
+    surface: str,
+    authenticate: Callable[[], Awaitable[Caller]],
+    parse: Callable[[], Awaitable[TokenRequest]],
+) -> Issued:
+    """The one path of every token surface (``/v1/token``, the Entra-compatible endpoints, the
+    managed-identity endpoint): authenticate the caller, parse its request, ``TokenBroker.get_token``;
+    then, whatever happened, the same metrics and one audit line naming the surface. Errors propagate
+    for the surface to render in its own protocol's shape."""
+    started = time.perf_counter()
+    metrics = app[METRICS]
+    caller_name = "-"
+    token_request: TokenRequest | None = None
+    issued: Issued | None = None
+    outcome = "ok"
+    try:
+        caller = await authenticate()
+        caller_name = caller.name
+        token_request = await parse()
+        issued = await app[BROKER].get_token(caller, token_request)
+    except BrokerError as exc:
+        outcome = exc.error
+        raise
+    except Exception:
+        outcome = "server_error"  # never counted or audited as "ok"
+        raise
+    finally:
+        elapsed = time.perf_counter() - started
+        metrics.child(metrics.token_requests, caller_name, outcome).inc()
+        metrics.child(metrics.token_request_seconds, outcome).observe(elapsed)
+        _audit(app[AUDIT], surface, caller_name, token_request, issued, outcome, elapsed)
+    metrics.served_token_remaining_seconds.observe(int(issued.token.remaining_seconds()))
+    return issued
+
+
 def _audit(
     audit: AuditLog,
+    surface: str,
     caller: str,
     request: TokenRequest | None,
     issued: Issued | None,
     outcome: str,
     elapsed: float,
 ) -> None:
-    """One line per token request: who asked for what, and what happened (never the token)."""
+    """One line per token request: who asked for what, through which surface, and what happened
+    (never the token)."""
     audit.write(
         {
             "caller": caller,
+            "surface": surface,
             "tenant": request.tenant if request else None,
             "app": issued.app if issued else (request.app if request else None),
             "resource": request.resource if request else None,
@@ -228,15 +252,27 @@ def _audit(
     )
 
 
-async def _read_json(request: web.Request, limit: int) -> Any:
+async def _read_token_request(request: web.Request, limit: int) -> TokenRequest:
+    return parse_token_request(await _read_json(request, limit))
+
+
+async def read_body(request: web.Request, limit: int, media_type: str) -> bytes:
+    """The whole body, however many pieces it arrives in; 415 for another media type, 413 past ``limit``."""
     content_type = request.headers.get("Content-Type", "")
-    if content_type.split(";", 1)[0].strip().lower() != "application/json":
-        raise UnsupportedMediaTypeError("Content-Type must be application/json")
+    if content_type.split(";", 1)[0].strip().lower() != media_type:
+        raise UnsupportedMediaTypeError(f"Content-Type must be {media_type}")
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLargeError(f"request body larger than {limit} bytes")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise PayloadTooLargeError(f"request body larger than {limit} bytes")
+    raw = b""
+    while chunk := await request.content.read(limit + 1 - len(raw)):
+        raw += chunk
+        if len(raw) > limit:
+            raise PayloadTooLargeError(f"request body larger than {limit} bytes")
+    return raw
+
+
+async def _read_json(request: web.Request, limit: int) -> Any:
+    raw = await read_body(request, limit, "application/json")
     try:
         return json.loads(raw)
     except (ValueError, RecursionError):
