@@ -88,14 +88,26 @@ class CallerRegistry:
         credential = credential.strip()
         if scheme.lower() != "bearer" or not credential:
             raise InvalidClientError("Authorization must be a Bearer credential")
-        if len(credential) > MAX_CREDENTIAL_LENGTH:
-            raise InvalidClientError("unknown caller credential")
         if credential.count(".") == 2 and self._sa is not None:
-            return await self._authenticate_jwt(credential, self._sa)
-        caller = self._by_hash.get(hash_api_key(credential))
+            return await self.authenticate_assertion(credential)
+        return self.authenticate_api_key(credential)
+
+    def authenticate_api_key(self, api_key: str) -> Caller:
+        """The caller whose API key this is (a bearer credential, an OAuth ``client_secret``, an
+        ``X-IDENTITY-HEADER``), or ``InvalidClientError``."""
+        caller = self._by_hash.get(hash_api_key(api_key)) if len(api_key) <= MAX_CREDENTIAL_LENGTH else None
         if caller is None:
             raise InvalidClientError("unknown caller credential")
         return caller
+
+    async def authenticate_assertion(self, token: str) -> Caller:
+        """The caller whose service-account JWT this is (a bearer credential or an OAuth
+        ``client_assertion``), or ``InvalidClientError``."""
+        if self._sa is None:
+            raise InvalidClientError("service-account tokens are not accepted here")
+        if len(token) > MAX_CREDENTIAL_LENGTH:
+            raise InvalidClientError("unknown caller credential")
+        return await self._authenticate_jwt(token, self._sa)
 
     async def _authenticate_jwt(self, token: str, sa: ServiceAccountAuthSettings) -> Caller:
         digest = hashlib.sha256(token.encode()).digest().hex()
