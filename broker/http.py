@@ -40,7 +40,7 @@ from broker.logs import AuditLog, request_id_var
 from broker.metrics import Metrics
 from broker.oidc import JwksFetcher
 from broker.service import Issued, TokenBroker
-from broker.tls import build_ca_bundle
+from broker.tls import ReloadingServerContext, build_ca_bundle
 from broker.tokens import DEFAULT_MIN_TTL_SECONDS, MAX_MIN_TTL_SECONDS, TokenRequest
 from broker.vault import CredentialStore
 
@@ -453,13 +453,18 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await web.TCPSite(api, settings.listen.host, settings.listen.port, backlog=1024).start()
+        tls = settings.listen.tls
+        ssl_context = ReloadingServerContext(tls.cert_file, tls.key_file) if tls else None
+        await web.TCPSite(
+            api, settings.listen.host, settings.listen.port, backlog=1024, ssl_context=ssl_context
+        ).start()
         await web.TCPSite(side, settings.metrics.host, settings.metrics.port).start()
         log.info(
             "token-broker listening",
             extra={
                 "host": settings.listen.host,
                 "port": settings.listen.port,
+                "tls": ssl_context is not None,
                 "metrics_port": settings.metrics.port,
             },
         )
