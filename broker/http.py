@@ -329,6 +329,10 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         return web.Response(body=openapi, content_type="application/json")
 
     app.router.add_get("/openapi.json", openapi_handler)
+    # Imported here: the compatible surfaces import this module (the composition root will own both).
+    from broker.oauth_compat import add_compat_routes
+
+    add_compat_routes(app)
     return app
 
 
