@@ -9,14 +9,15 @@ STAMP  := $(VENV)/.installed
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml scripts/install-system-deps.sh
+$(STAMP): pyproject.toml scripts/install-system-deps.sh tests/node/package-lock.json
 	bash scripts/install-system-deps.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv with the service and test tools (and redis-server if missing)
+install: $(STAMP)  ## create .venv with the service and test tools, tests/node's npm packages (and system deps if missing)
 
 run: $(STAMP)  ## run the service (BROKER_CONFIG or the embedded defaults; see README)
 	$(BIN)/token-broker serve

@@ -7,6 +7,8 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)  # the benchmarks' load generator
+command -v node >/dev/null 2>&1 || missing+=(nodejs)  # Node.js Azure SDK clients in the drop-in tests
+command -v npm >/dev/null 2>&1 || missing+=(npm)      # installs them from tests/node/package-lock.json
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
     echo "missing system packages: ${missing[*]} (Debian: apt-get install ${missing[*]})" >&2
