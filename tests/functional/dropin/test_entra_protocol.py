@@ -5,10 +5,13 @@ surface named in the audit line."""
 from __future__ import annotations
 
 import base64
+import importlib.resources
+import json
 import re
 import threading
 from typing import Any
 
+import jsonschema
 import requests
 
 from tests.functional.conftest import (
@@ -25,6 +28,14 @@ from tests.functional.conftest import (
 from tests.functional.dropin.conftest import StartTlsBroker, TlsBrokerProcess
 
 ENTRA_ERROR_FIELDS = {"error", "error_description", "error_codes", "timestamp", "trace_id", "correlation_id"}
+DOCUMENT = json.loads(importlib.resources.files("broker").joinpath("openapi.json").read_bytes())
+
+
+def conforms(body: dict[str, Any], schema: str) -> None:
+    """``body`` matches the committed OpenAPI document's schema (as the /v1/token fuzz test checks)."""
+    jsonschema.validate(
+        body, {**DOCUMENT["components"]["schemas"][schema], "components": DOCUMENT["components"]}
+    )
 
 
 def post_form(broker: TlsBrokerProcess, path: str, form: dict[str, str], **kwargs: Any) -> requests.Response:
@@ -42,6 +53,7 @@ def entra_error(
     assert status == response.status_code, response.text
     body: dict[str, Any] = response.json()
     assert ENTRA_ERROR_FIELDS <= set(body)
+    conforms(body, "EntraError")
     assert error == body["error"]
     assert ([code] if code else []) == body["error_codes"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", body["timestamp"])
@@ -63,6 +75,7 @@ def test_v2_and_v1_success_shapes(world: World, start_tls_broker: StartTlsBroker
     assert 200 == v2.status_code, v2.text
     body = v2.json()
     assert {"token_type", "expires_in", "ext_expires_in", "access_token"} == set(body)
+    conforms(body, "EntraTokenV2")
     assert "Bearer" == body["token_type"]
     assert isinstance(body["expires_in"], int)
     assert 3300 < body["expires_in"] <= 3600
@@ -93,6 +106,7 @@ def test_v2_and_v1_success_shapes(world: World, start_tls_broker: StartTlsBroker
         "token_type",
     ] == sorted(old)
     assert all(isinstance(value, str) for value in old.values())
+    conforms(old, "EntraTokenV1")
     assert (DEFENDER, body["access_token"]) == (old["resource"], old["access_token"])
     assert abs(int(old["expires_on"]) - claims["exp"]) <= 2
     assert claims["nbf"] == int(old["not_before"])
@@ -264,6 +278,7 @@ def test_discovery_documents_name_the_broker(world: World, start_tls_broker: Sta
         assert f"{base}/{TENANT_A}/v2.0" == v2["issuer"]
         assert {"authorization_endpoint", "jwks_uri"} <= set(v2)
         assert "client_credentials" in v2["grant_types_supported"]
+        conforms(v2, "OpenIdConfiguration")
         v1 = requests.get(
             f"{base}/{TENANT_A}/.well-known/openid-configuration", verify=str(broker.ca_file), timeout=10
         ).json()
@@ -320,6 +335,7 @@ def test_every_surface_shares_one_entra_request_and_is_audited(
             timeout=30,
         )
         body = response.json()
+        conforms(body, "ManagedIdentityToken")
         assert (APP_ID, DEFENDER, "Bearer") == (body["client_id"], body["resource"], body["token_type"])
         assert isinstance(body["expires_on"], str)
         return str(body["access_token"])
