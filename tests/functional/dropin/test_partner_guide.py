@@ -80,20 +80,26 @@ def test_guide_python_urllib_snippet_v1(guide_world: World, start_tls_broker: St
 
 
 def test_guide_curl_command_v2(guide_world: World, start_tls_broker: StartTlsBroker) -> None:
-    """The guide's curl command (with its -k) gets a v2 token for the WindowsDefenderATP scope."""
+    """The guide's curl command (with its -k) gets a v2 token for the WindowsDefenderATP scope; so
+    does the README's version of it, which verifies the broker's certificate (--cacert) instead."""
     world = guide_world
     curl = shutil.which("curl")
     assert curl is not None, "curl is needed for this test"
     broker = start_tls_broker(world.broker_config(), world.env)
-    command = GUIDE_CURL.format(
+    as_written = GUIDE_CURL.format(
         app=APP_ID, secret=world.soar_key, host=f"127.0.0.1:{broker.port}", tenant=TENANT_B
     )
-    result = subprocess.run(
-        shlex.split(command), capture_output=True, text=True, timeout=60, env=clean_env(), check=False
-    )
-    assert 0 == result.returncode, result.stderr
-    response = json.loads(result.stdout)
-    assert {"token_type", "expires_in", "ext_expires_in", "access_token"} == set(response)
-    claims = world.emulator.verify_token(response["access_token"], GUIDE_V2_RESOURCE)
+    verified = as_written.removesuffix(" -k") + f" --cacert {broker.ca_file}"
+    tokens = []
+    for command in (as_written, verified):
+        result = subprocess.run(
+            shlex.split(command), capture_output=True, text=True, timeout=60, env=clean_env(), check=False
+        )
+        assert 0 == result.returncode, result.stderr
+        response = json.loads(result.stdout)
+        assert {"token_type", "expires_in", "ext_expires_in", "access_token"} == set(response)
+        tokens.append(response["access_token"])
+    claims = world.emulator.verify_token(tokens[0], GUIDE_V2_RESOURCE)
     assert (TENANT_B, ["Alert.Read.All"]) == (claims["tid"], claims["roles"])
-    assert ["oauth2_v2"] == [line["surface"] for line in broker.audit_lines()]
+    assert tokens[0] == tokens[1]
+    assert ["oauth2_v2", "oauth2_v2"] == [line["surface"] for line in broker.audit_lines()]
