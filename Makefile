@@ -23,9 +23,10 @@ $(RUN_STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-$(TEST_STAMP): $(RUN_STAMP) $(SYSTEM_DEPS)
+$(TEST_STAMP): $(RUN_STAMP) $(SYSTEM_DEPS) tests/node/package-lock.json
 	bash $(SYSTEM_DEPS) test
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 $(BENCH_STAMP): $(TEST_STAMP) $(SYSTEM_DEPS)
@@ -34,7 +35,7 @@ $(BENCH_STAMP): $(TEST_STAMP) $(SYSTEM_DEPS)
 
 venv: $(RUN_STAMP)  ## create .venv with the service and its runtime dependencies only (Python + pip)
 
-install: $(TEST_STAMP)  ## create .venv with the service and the test tools (redis-server, promtool if missing)
+install: $(TEST_STAMP)  ## .venv with the service and the test tools (redis-server, promtool, node/npm if missing; tests/node's npm packages)
 
 run: $(RUN_STAMP)  ## run the service (BROKER_CONFIG or the embedded defaults; see README); needs only Python
 	$(BIN)/token-broker serve

@@ -29,9 +29,10 @@ from broker.entra import EntraClient
 from broker.errors import UpstreamError
 from broker.logs import AuditLog
 from broker.metrics import Metrics
+from broker.oauth_compat import add_compat_routes
 from broker.oidc import JwksFetcher
 from broker.service import TokenBroker
-from broker.tls import build_ca_bundle
+from broker.tls import ReloadingServerContext, build_ca_bundle
 from broker.vault import CredentialStore
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class Supervisor:
 def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
     """The API application; every client it needs is built in its cleanup context."""
     app = http.create_api(settings.max_body_bytes)
+    add_compat_routes(app)
     app[http.SETTINGS] = settings
     app[http.METRICS] = metrics or Metrics()
     app[http.AUDIT] = AuditLog()
@@ -203,6 +205,7 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
                 "host": settings.listen.host,
                 "port": settings.listen.port,
                 "metrics_port": settings.metrics.port,
+                "tls": settings.listen.tls is not None,
             },
         )
         if ready is not None:
@@ -247,6 +250,15 @@ async def _listen(runner: web.AppRunner, settings: Settings, metrics: Metrics) -
             return _Refusal()
         return server()
 
+    tls = settings.listen.tls
+    # HTTPS on the API port only (MSAL and azure-identity insist on https authorities); the
+    # certificate follows its files, so a renewal needs no restart.
+    ssl_context = ReloadingServerContext(tls.cert_file, tls.key_file) if tls else None
     return await asyncio.get_running_loop().create_server(
-        connection, settings.listen.host, settings.listen.port, backlog=1024, reuse_address=True
+        connection,
+        settings.listen.host,
+        settings.listen.port,
+        backlog=1024,
+        reuse_address=True,
+        ssl=ssl_context,
     )

@@ -92,18 +92,26 @@ class CallerRegistry:
         credential = credential.strip()
         if scheme.lower() != "bearer" or not credential:
             raise InvalidClientError("Authorization must be a Bearer credential")
-        if len(credential) > MAX_CREDENTIAL_LENGTH:
-            raise InvalidClientError("unknown caller credential")
-        # API keys and JWTs are printable ASCII. aiohttp hands header bytes that are not UTF-8 over as
-        # lone surrogates, which cannot be hashed (encoded) at all: refuse them here, as a bad credential.
-        if not (credential.isascii() and credential.isprintable()):
-            raise InvalidClientError("caller credential must be printable ASCII")
         if credential.count(".") == 2 and self._sa is not None:
-            return await self._authenticate_jwt(credential, self._sa)
-        caller = self._by_hash.get(hash_api_key(credential))
+            return await self.authenticate_assertion(credential)
+        return self.authenticate_api_key(credential)
+
+    def authenticate_api_key(self, api_key: str) -> Caller:
+        """The caller whose API key this is (a bearer credential, an OAuth ``client_secret``, an
+        ``X-IDENTITY-HEADER``), or ``InvalidClientError``."""
+        _check_credential_text(api_key)
+        caller = self._by_hash.get(hash_api_key(api_key))
         if caller is None:
             raise InvalidClientError("unknown caller credential")
         return caller
+
+    async def authenticate_assertion(self, token: str) -> Caller:
+        """The caller whose service-account JWT this is (a bearer credential or an OAuth
+        ``client_assertion``), or ``InvalidClientError``."""
+        if self._sa is None:
+            raise InvalidClientError("service-account tokens are not accepted here")
+        _check_credential_text(token)
+        return await self._authenticate_jwt(token, self._sa)
 
     async def _authenticate_jwt(self, token: str, sa: ServiceAccountAuthSettings) -> Caller:
         digest = hashlib.sha256(token.encode()).digest().hex()
@@ -221,6 +229,16 @@ def _usable_keys(document: dict[str, Any]) -> dict[str, tuple[jwt.PyJWK, frozens
     if not keys:
         raise jwt.PyJWKSetError("the JWKS has no usable signing keys")
     return keys
+
+
+def _check_credential_text(credential: str) -> None:
+    """API keys and JWTs are short printable ASCII, whichever surface carried them. aiohttp hands
+    header bytes that are not UTF-8 over as lone surrogates, which cannot even be hashed (encoded):
+    refuse them, and anything oversized, as a bad credential."""
+    if len(credential) > MAX_CREDENTIAL_LENGTH:
+        raise InvalidClientError("unknown caller credential")
+    if not (credential.isascii() and credential.isprintable()):
+        raise InvalidClientError("caller credential must be printable ASCII")
 
 
 def _caller(name: str, settings: CallerSettings) -> Caller:

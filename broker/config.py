@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import os
 import re
+import ssl
 import types
 import typing
 import urllib.parse
@@ -29,6 +30,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FilePath,
     ValidationError,
     field_validator,
     model_validator,
@@ -136,9 +138,27 @@ class CredentialSource(_Frozen):
         return f"{self.kind}:{self.secret or self.certificate or self.env or self.file}"
 
 
+class ListenTlsSettings(_Frozen):
+    """The API listener's own certificate (PEM chain, leaf first) and unencrypted PEM key: HTTPS is
+    what MSAL and azure-identity require of an authority. Re-read when the files change (``tls.py``)."""
+
+    cert_file: FilePath
+    key_file: FilePath
+
+    @model_validator(mode="after")
+    def _loadable(self) -> ListenTlsSettings:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert_file, self.key_file)
+        except (ssl.SSLError, OSError) as exc:
+            # OpenSSL's reason ("KEY_VALUES_MISMATCH", "NO_START_LINE"), never the files' contents.
+            raise ValueError(f"cannot load the certificate and key: {exc.strerror or exc}") from None
+        return self
+
+
 class ListenSettings(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    tls: ListenTlsSettings | None = None
 
 
 class MetricsSettings(_Frozen):

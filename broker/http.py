@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from broker.cache import TokenCache
-from broker.callers import CallerRegistry
+from broker.callers import Caller, CallerRegistry
 from broker.config import Settings, is_tenant, normalise_resource
 from broker.errors import (
     BrokerError,
@@ -162,20 +162,48 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 async def token_handler(request: web.Request) -> web.Response:
-    started = time.perf_counter()
     app = request.app
+    settings = app[SETTINGS]
+    issued = await issue_token(
+        app,
+        "v1",
+        lambda: app[CALLERS].authenticate(request.headers.get("Authorization")),
+        lambda: _read_token_request(request, settings.max_body_bytes, settings.body_timeout_seconds),
+    )
+    token = issued.token
+    return _json_response(
+        {
+            "access_token": token.token,
+            "token_type": "Bearer",
+            "expires_in": int(token.remaining_seconds()),
+            "expires_on": int(token.expires_on),
+            "tenant_id": token.tenant_id,
+            "resource": token.resource,
+            "roles": list(token.roles),
+        }
+    )
+
+
+async def issue_token(
+    app: web.Application,
+    surface: str,
+    authenticate: Callable[[], Awaitable[Caller]],
+    parse: Callable[[], Awaitable[TokenRequest]],
+) -> Issued:
+    """The one path of every token surface (``/v1/token``, the Entra-compatible endpoints, the
+    managed-identity endpoint): authenticate the caller, parse its request, ``TokenBroker.get_token``;
+    then, whatever happened, the same metrics and one audit line naming the surface. Errors propagate
+    for the surface to render in its own protocol's shape."""
+    started = time.perf_counter()
     metrics = app[METRICS]
     caller_name = "-"
     token_request: TokenRequest | None = None
     issued: Issued | None = None
     outcome = "server_error"  # until proven otherwise: an unexpected failure is never "ok"
     try:
-        caller = await app[CALLERS].authenticate(request.headers.get("Authorization"))
+        caller = await authenticate()
         caller_name = caller.name
-        settings = app[SETTINGS]
-        token_request = parse_token_request(
-            await _read_json(request, settings.max_body_bytes, settings.body_timeout_seconds)
-        )
+        token_request = await parse()
         issued = await app[BROKER].get_token(caller, token_request)
         outcome = "ok"
     except BrokerError as exc:
@@ -188,25 +216,14 @@ async def token_handler(request: web.Request) -> web.Response:
         app_name = (
             issued.app if issued else app[BROKER].app_name(token_request.app) if token_request else None
         )
-        _audit(app[AUDIT], caller_name, token_request, app_name, issued, outcome, elapsed)
-    token = issued.token
-    remaining = int(token.remaining_seconds())
-    metrics.served_token_remaining_seconds.observe(remaining)
-    return _json_response(
-        {
-            "access_token": token.token,
-            "token_type": "Bearer",
-            "expires_in": remaining,
-            "expires_on": int(token.expires_on),
-            "tenant_id": token.tenant_id,
-            "resource": token.resource,
-            "roles": list(token.roles),
-        }
-    )
+        _audit(app[AUDIT], surface, caller_name, token_request, app_name, issued, outcome, elapsed)
+    metrics.served_token_remaining_seconds.observe(int(issued.token.remaining_seconds()))
+    return issued
 
 
 def _audit(
     audit: AuditLog,
+    surface: str,
     caller: str,
     request: TokenRequest | None,
     app: str | None,
@@ -214,10 +231,12 @@ def _audit(
     outcome: str,
     elapsed: float,
 ) -> None:
-    """One line per token request: who asked for what, and what happened (never the token)."""
+    """One line per token request: who asked for what, through which surface, and what happened
+    (never the token)."""
     audit.write(
         {
             "caller": caller,
+            "surface": surface,
             "tenant": request.tenant if request else None,
             "app": app,
             "resource": request.resource if request else None,
@@ -230,23 +249,33 @@ def _audit(
     )
 
 
-async def _read_json(request: web.Request, limit: int, body_timeout_seconds: float) -> Any:
-    content_type = request.headers.get("Content-Type", "")
-    if content_type.split(";", 1)[0].strip().lower() != "application/json":
-        raise UnsupportedMediaTypeError("Content-Type must be application/json")
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLargeError(f"request body larger than {limit} bytes")
-    # The whole body, however many segments or chunks it arrives in; bounded in size (the app's
-    # client_max_size: 413) and in time (a body that trickles in is cut off: 408).
+async def _read_token_request(request: web.Request, limit: int, body_timeout_seconds: float) -> TokenRequest:
+    raw = await read_body(request, limit, "application/json", body_timeout_seconds)
     try:
-        async with asyncio.timeout(body_timeout_seconds):
-            raw = await request.read()
-    except TimeoutError:
-        raise RequestTimeoutError("the request body did not arrive in time") from None
-    try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (ValueError, RecursionError):
         raise InvalidRequestError("the body is not valid JSON") from None
+    return parse_token_request(body)
+
+
+async def read_body(request: web.Request, limit: int, media_type: str, timeout_seconds: float) -> bytes:
+    """The whole body, however many segments or chunks it arrives in: 415 for another media type,
+    413 past ``limit``, 408 when it trickles in for longer than ``timeout_seconds``."""
+    content_type = request.headers.get("Content-Type", "")
+    if content_type.split(";", 1)[0].strip().lower() != media_type:
+        raise UnsupportedMediaTypeError(f"Content-Type must be {media_type}")
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLargeError(f"request body larger than {limit} bytes")
+    raw = b""
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            while chunk := await request.content.read(limit + 1 - len(raw)):
+                raw += chunk
+                if len(raw) > limit:
+                    raise PayloadTooLargeError(f"request body larger than {limit} bytes")
+    except TimeoutError:
+        raise RequestTimeoutError("the request body did not arrive in time") from None
+    return raw
 
 
 async def healthz(_request: web.Request) -> web.Response:

@@ -172,6 +172,13 @@ def check_rendered(rendered, values_file, expect_sm):
     if ctr["readinessProbe"]["httpGet"]["path"] != "/readyz" or ctr["livenessProbe"]["httpGet"]["path"] != "/healthz" \
             or ctr["startupProbe"]["httpGet"]["path"] != "/healthz":
         fail("probes must be readiness=/readyz, liveness/startup=/healthz")
+    # TLS on the API port: listen.tls in broker.yaml and HTTPS probes, together or not at all.
+    tls = bool((values.get("tls") or {}).get("enabled"))
+    schemes = {ctr[p]["httpGet"].get("scheme", "HTTP") for p in ("readinessProbe", "livenessProbe", "startupProbe")}
+    if schemes != {"HTTPS" if tls else "HTTP"}:
+        fail(f"probe schemes {schemes} do not match tls.enabled={tls}")
+    if cms and bool(cfg["listen"].get("tls")) != tls:
+        fail(f"broker.yaml listen.tls does not match tls.enabled={tls}")
     # Hardening (none of the value sets overrides it).
     psc, csc = pod["spec"].get("securityContext", {}), ctr.get("securityContext", {})
     hard = [psc.get("runAsNonRoot") or csc.get("runAsNonRoot"), csc.get("readOnlyRootFilesystem"),
@@ -271,7 +278,14 @@ else:  # compose: the inline config, ${VAR:-default} replaced by its default
     c = yaml.safe_load(open(path))
     text = c["configs"]["broker-config"]["content"]
     raw = yaml.safe_load(re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", text))
-# The files the config names (CA, credential files) exist only inside the pod / container.
+tls = (raw.get("listen") or {}).get("tls")
+if tls:  # the files live in the pod's Secret mount: stand in a real pair so the rest is checked too
+    import tempfile, trustme
+    leaf, tmp = trustme.CA().issue_cert("token-broker"), tempfile.mkdtemp()
+    leaf.cert_chain_pems[0].write_to_path(f"{tmp}/tls.crt"); leaf.private_key_pem.write_to_path(f"{tmp}/tls.key")
+    print(f"listen.tls {tls['cert_file']} {tls['key_file']}: checked with a stand-in pair")
+    tls.update(cert_file=f"{tmp}/tls.crt", key_file=f"{tmp}/tls.key")
+# The other files the config names (CA, credential files) exist only inside the pod / container.
 s = parse_settings(raw, {}, check_files=False)
 print(f"apps={sorted(s.apps)} callers={sorted(s.callers)} listen={s.listen.host}:{s.listen.port}")
 PY

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # System packages, from Debian, by group:
-#   test   redis-server (the tests start their own on a free port) and promtool (from the prometheus
-#          package: checks and unit-tests the alert rules). `make install` / `make test`.
+#   test   redis-server (the tests start their own on a free port), promtool (from the prometheus
+#          package: checks and unit-tests the alert rules), and node + npm (the drop-in tests run the
+#          unmodified Node.js Azure SDK clients, installed from tests/node/package-lock.json).
+#          `make install` / `make test`.
 #   bench  wrk (the benchmarks' load generator; without it they fall back to a slower asyncio client).
 #          `make bench`.
 # Running the service needs none of them (`make run` never calls this script).
@@ -13,7 +15,7 @@ set -euo pipefail
 # command:package pairs per group
 packages_of() {
     case "$1" in
-        test) echo "redis-server:redis-server promtool:prometheus" ;;
+        test) echo "redis-server:redis-server promtool:prometheus node:nodejs npm:npm" ;;
         bench) echo "wrk:wrk" ;;
         *) echo "unknown group: $1 (test, bench)" >&2; exit 2 ;;
     esac

@@ -72,7 +72,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/*
 The broker YAML: values.config minus the chart's own keys, minus empty strings / nulls, with listen and
-metrics taken from containerPorts and outbound_ca_file from extraCA.
+metrics taken from containerPorts (listen.tls from tls) and outbound_ca_file from extraCA.
 */}}
 {{- define "token-broker.brokerConfig" -}}
 {{- $cfg := dict -}}
@@ -81,7 +81,12 @@ metrics taken from containerPorts and outbound_ca_file from extraCA.
 {{- $_ := set $cfg $k $v -}}
 {{- end -}}
 {{- end -}}
-{{- $_ := set $cfg "listen" (dict "host" "0.0.0.0" "port" (int .Values.containerPorts.http)) -}}
+{{- $listen := dict "host" "0.0.0.0" "port" (int .Values.containerPorts.http) -}}
+{{- if .Values.tls.enabled -}}
+{{- $dir := trimSuffix "/" .Values.tls.mountPath -}}
+{{- $_ := set $listen "tls" (dict "cert_file" (printf "%s/tls.crt" $dir) "key_file" (printf "%s/tls.key" $dir)) -}}
+{{- end -}}
+{{- $_ := set $cfg "listen" $listen -}}
 {{- $_ := set $cfg "metrics" (dict "host" "0.0.0.0" "port" (int .Values.containerPorts.metrics)) -}}
 {{- if include "token-broker.extraCA.enabled" . -}}
 {{- $_ := set $cfg "outbound_ca_file" (include "token-broker.extraCA.file" .) -}}
@@ -92,6 +97,11 @@ metrics taken from containerPorts and outbound_ca_file from extraCA.
 {{/* Where the extra CA bundle is mounted (outbound_ca_file / BROKER_OUTBOUND_CA_FILE). */}}
 {{- define "token-broker.extraCA.file" -}}
 {{- printf "%s/%s" (trimSuffix "/" .Values.extraCA.mountPath) .Values.extraCA.key -}}
+{{- end -}}
+
+{{/* The API port's scheme: kubelet probes it over HTTPS (without verifying) when tls is enabled. */}}
+{{- define "token-broker.probeScheme" -}}
+{{- if .Values.tls.enabled }}HTTPS{{ else }}HTTP{{ end -}}
 {{- end -}}
 
 {{- define "token-broker.extraCA.enabled" -}}
@@ -105,6 +115,9 @@ metrics taken from containerPorts and outbound_ca_file from extraCA.
 {{- define "token-broker.validate" -}}
 {{- if hasPrefix (printf "%s/" (include "token-broker.configDir" .)) (printf "%s/" (trimSuffix "/" .Values.extraCA.mountPath)) -}}
 {{- fail (printf "extraCA.mountPath must not be inside %s (the configuration volume)" (include "token-broker.configDir" .)) -}}
+{{- end -}}
+{{- if and .Values.tls.enabled (hasPrefix (printf "%s/" (include "token-broker.configDir" .)) (printf "%s/" (trimSuffix "/" .Values.tls.mountPath))) -}}
+{{- fail (printf "tls.mountPath must not be inside %s (the configuration volume)" (include "token-broker.configDir" .)) -}}
 {{- end -}}
 {{- if not .Values.config.existingSecret -}}
 {{- $cfg := .Values.config -}}
