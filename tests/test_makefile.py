@@ -24,7 +24,7 @@ SYSTEM_DEPS = "scripts/install-system-deps.sh"
 @pytest.fixture
 def clean_checkout(tmp_path: Path) -> Path:
     """The Makefile and the files its stamps depend on, without any .venv or .tools."""
-    for name in ("Makefile", "pyproject.toml", SYSTEM_DEPS):
+    for name in ("Makefile", "pyproject.toml", SYSTEM_DEPS, "tests/node/package-lock.json"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
     return tmp_path
@@ -75,8 +75,9 @@ def test_bench_installs_the_load_generator(clean_checkout: Path) -> None:
 
 
 def test_system_deps_script_names_its_groups() -> None:
-    """The script installs per group: `test` (redis-server, prometheus for promtool) and `bench`
-    (wrk); `--list` prints a group's Debian packages without installing anything."""
+    """The script installs per group: `test` (redis-server, prometheus for promtool, nodejs and npm
+    for the Node.js SDK clients of the drop-in tests) and `bench` (wrk); `--list` prints a group's
+    Debian packages without installing anything."""
     listed = [
         subprocess.run(
             ["bash", str(ROOT / SYSTEM_DEPS), "--list", group],
@@ -87,4 +88,4 @@ def test_system_deps_script_names_its_groups() -> None:
         ).stdout.split()
         for group in ("test", "bench")
     ]
-    assert [["redis-server", "prometheus"], ["wrk"]] == listed
+    assert [["redis-server", "prometheus", "nodejs", "npm"], ["wrk"]] == listed

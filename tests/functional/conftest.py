@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -61,10 +61,14 @@ class World:
     hunter_key: str
     callers: dict[str, dict[str, Any]]
     env: dict[str, str]
+    extra_resources: list[str] = field(default_factory=list)  # allowed for every app besides the world's
 
     def broker_config(self, redis_url: str | None = None, **overrides: Any) -> dict[str, Any]:
         settings = {"log_level": "DEBUG", "credential_min_reload_seconds": 0, **overrides}
-        return broker_config(self.emulator, TEST_WORLD, self.callers, redis_url=redis_url, **settings)
+        config = broker_config(self.emulator, TEST_WORLD, self.callers, redis_url=redis_url, **settings)
+        for app in config["apps"].values():
+            app["resources"] = [*app["resources"], *self.extra_resources]
+        return config
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ def test_connections_beyond_the_cap_are_refused_with_503(world: World, start_bro
     answers = []
     try:
         for sock in opened:
-            sock.settimeout(1)
+            sock.settimeout(3)  # a refusal is written at once; generous for a loaded machine
             try:
                 answers.append(sock.recv(4096))
             except TimeoutError:

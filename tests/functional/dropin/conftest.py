@@ -108,7 +108,7 @@ def guide_world(world: World) -> World:
     for tenant in (TENANT_A, TENANT_B, TENANT_C):
         world.emulator.grant(tenant, APP_ID, GUIDE_V1_RESOURCE, ["Machine.Read.All"])
         world.emulator.grant(tenant, APP_ID, GUIDE_V2_RESOURCE, ["Alert.Read.All"])
-    world.config["apps"]["defender"]["resources"] += [GUIDE_V1_RESOURCE, GUIDE_V2_RESOURCE]
+    world.extra_resources += [GUIDE_V1_RESOURCE, GUIDE_V2_RESOURCE]
     return world
 
 
