@@ -42,6 +42,7 @@ run: $(RUN_STAMP)  ## run the service (BROKER_CONFIG or the embedded defaults; s
 
 lint: $(TEST_STAMP)  ## ruff and mypy --strict
 	$(BIN)/ruff check broker tests scripts bench emulator
+	$(BIN)/ruff format --check broker tests scripts bench emulator
 	$(BIN)/mypy
 
 unit: $(TEST_STAMP)  ## the test suite only

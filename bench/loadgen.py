@@ -95,7 +95,7 @@ def run_wrk(
         str(script),
         f"{base_url}{url_path}",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=False)  # noqa: S603
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=False)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith(RESULT_MARK)), None)
     if done.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-2000:]} {done.stderr[-2000:]}")

@@ -125,7 +125,7 @@ class Baseline:
     def __init__(self, body_bytes: int) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(  # noqa: S603
+        self.process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -268,7 +268,7 @@ def drive(target: Target, args: argparse.Namespace, key: str, seconds: float) ->
 
 def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     def med(key: str) -> float:
-        return statistics.median(r[key] for r in runs)
+        return float(statistics.median(r[key] for r in runs))
 
     return {
         "rps": round(med("rps"), 1),
@@ -344,7 +344,7 @@ def profile_broker(target: Target, args: argparse.Namespace, key: str, out_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     collapsed = out_dir / "broker-profile.txt"
     seconds = max(2, round(args.duration))
-    spy = subprocess.Popen(  # noqa: S603
+    spy = subprocess.Popen(
         [
             py_spy,
             "record",

@@ -114,7 +114,7 @@ class CallerRegistry:
         return await self._authenticate_jwt(token, self._sa)
 
     async def _authenticate_jwt(self, token: str, sa: ServiceAccountAuthSettings) -> Caller:
-        digest = hashlib.sha256(token.encode()).digest().hex()
+        digest = hashlib.sha256(token.encode()).hexdigest()
         cached = self._verified.get(digest)
         if cached is not None:
             expires_at, caller = cached
@@ -209,7 +209,7 @@ def _key_algorithms(jwk: dict[str, Any]) -> frozenset[str]:
 
 
 def _usable_keys(document: dict[str, Any]) -> dict[str, tuple[jwt.PyJWK, frozenset[str]]]:
-    """kid -> (key, algorithms it may verify) for every usable signing key of a JWKS document.
+    """Kid -> (key, algorithms it may verify) for every usable signing key of a JWKS document.
 
     Keys without a kid, of an unknown type or unparsable are skipped (as ``PyJWKSet`` does); a document
     with none left is a ``PyJWKSetError``.

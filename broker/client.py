@@ -123,7 +123,7 @@ class TokenFile:
         """The file's current content, stripped; ``ClientAuthenticationError`` if unreadable or empty."""
         with self._lock:
             try:
-                st = os.stat(self.path)
+                st = self.path.stat()
                 stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
                 if stamp != self._stamp:
                     self._value = self.path.read_text(encoding="utf-8").strip()
@@ -249,8 +249,8 @@ class _Credential:
 
     def _view(self, tenant_id: str, app: str | None) -> Self:
         view = copy.copy(self)  # shares _core: one connection and one cache
-        view._bind(tenant_id, app if app is not None else self._app)
-        view._owner = False
+        view._bind(tenant_id, app if app is not None else self._app)  # noqa: SLF001 - same class
+        view._owner = False  # noqa: SLF001 - same class
         return view
 
     def _key(self, scopes: tuple[str, ...], tenant_id: str | None) -> _Key:
@@ -350,17 +350,17 @@ class BrokerCredential(_Credential):
         self._owner = True
 
     def for_tenant(self, tenant_id: str, *, app: str | None = None) -> BrokerCredential:
-        """This credential bound to ``tenant_id`` (and ``app``, else this one's), sharing its
+        """A view of this credential bound to ``tenant_id`` (and ``app``, else this one's), sharing its
         connection and cache; closing the view does nothing (close the credential it came from)."""
         return self._view(tenant_id, app)
 
     def get_token(
         self,
         *scopes: str,
-        claims: str | None = None,
+        claims: str | None = None,  # noqa: ARG002 - azure-core's get_token signature; the broker issues no CAE tokens
         tenant_id: str | None = None,
-        enable_cae: bool = False,
-        **kwargs: Any,
+        enable_cae: bool = False,  # noqa: ARG002 - same
+        **kwargs: Any,  # noqa: ARG002 - same
     ) -> AccessToken:
         """A token for ``{resource}/.default`` in ``tenant_id`` (or the bound/default tenant)."""
         return self._core.get(self._key(scopes, tenant_id))
@@ -458,17 +458,17 @@ class AsyncBrokerCredential(_Credential):
         self._owner = True
 
     def for_tenant(self, tenant_id: str, *, app: str | None = None) -> AsyncBrokerCredential:
-        """This credential bound to ``tenant_id`` (and ``app``, else this one's), sharing its
+        """A view of this credential bound to ``tenant_id`` (and ``app``, else this one's), sharing its
         connection and cache; closing the view does nothing (close the credential it came from)."""
         return self._view(tenant_id, app)
 
     async def get_token(
         self,
         *scopes: str,
-        claims: str | None = None,
+        claims: str | None = None,  # noqa: ARG002 - azure-core's get_token signature; the broker issues no CAE tokens
         tenant_id: str | None = None,
-        enable_cae: bool = False,
-        **kwargs: Any,
+        enable_cae: bool = False,  # noqa: ARG002 - same
+        **kwargs: Any,  # noqa: ARG002 - same
     ) -> AccessToken:
         """A token for ``{resource}/.default`` in ``tenant_id`` (or the bound/default tenant)."""
         return await self._core.get(self._key(scopes, tenant_id))

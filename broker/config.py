@@ -402,7 +402,7 @@ _PERCENT_ENCODE = (
 )
 # Query parameters redis-py converts (redis.connection.URL_QUERY_ARGUMENT_PARSERS) and refuses if
 # they do not convert; the boolean and list ones accept anything.
-_REDIS_NUMERIC_QUERY: dict[str, type[int] | type[float]] = {
+_REDIS_NUMERIC_QUERY: dict[str, type[int | float]] = {
     "db": int,
     "socket_timeout": float,
     "socket_connect_timeout": float,
@@ -524,16 +524,20 @@ def _cross_field_problems(data: Mapping[str, Any]) -> list[Problem]:
     callers = {name: _mapping(caller) for name, caller in _mapping(data.get("callers")).items()}
     for name, caller in callers.items():
         wanted = caller.get("apps")
-        for app in wanted if isinstance(wanted, list) else []:
-            if isinstance(app, str) and app != "*" and app not in apps:
-                problems.append((f"callers.{name}.apps", f"unknown app {app!r}" + _suggestion(app, apps)))
+        problems.extend(
+            (f"callers.{name}.apps", f"unknown app {app!r}" + _suggestion(app, apps))
+            for app in (wanted if isinstance(wanted, list) else [])
+            if isinstance(app, str) and app != "*" and app not in apps
+        )
     if data.get("redis_url") and data.get("cache_encryption_key") is None:
         problems.append(("cache_encryption_key", "required when redis_url is set"))
     if not data.get("key_vault_url"):
-        for where, source in _credential_sources(data):
-            for kind in ("secret", "certificate"):
-                if source.get(kind):
-                    problems.append(("key_vault_url", f"required by {where} ({kind})"))
+        problems.extend(
+            ("key_vault_url", f"required by {where} ({kind})")
+            for where, source in _credential_sources(data)
+            for kind in ("secret", "certificate")
+            if source.get(kind)
+        )
     for field in ("api_key_sha256", "service_account"):
         first_with: dict[str, str] = {}
         for name, caller in callers.items():

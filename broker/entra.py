@@ -154,7 +154,7 @@ class _NoReplay(dict[str, Any]):
 class _NoTokenCache(msal.TokenCache):  # type: ignore[misc]  # msal ships no type hints
     """MSAL must not answer from its own cache: refreshes are ours to schedule (FIELD-NOTES #4)."""
 
-    def add(self, event: Any, **kwargs: Any) -> None:
+    def add(self, event: Any, **kwargs: Any) -> None:  # noqa: ARG002 - msal.TokenCache.add's signature
         return
 
 

@@ -60,9 +60,11 @@ class JsonFormatter(logging.Formatter):
         request_id = request_id_var.get()
         if request_id is not None:
             entry["request_id"] = request_id
-        for key, value in record.__dict__.items():
-            if key not in _RESERVED and not key.startswith("_"):
-                entry[key] = value
+        entry.update(
+            (key, value)
+            for key, value in record.__dict__.items()
+            if key not in _RESERVED and not key.startswith("_")
+        )
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, default=str, option=_ORJSON_OPTIONS).decode()
@@ -121,7 +123,7 @@ def configure_logging(level: str) -> None:
     """Route every logger to stderr as JSON at ``level``; quiet the chattiest SDK loggers."""
     # Record attributes the JSON lines never show: skip computing them for every record
     # (the "Optimization" table of the logging HOWTO).
-    logging._srcfile = None  # no caller frame walk (findCaller)
+    logging._srcfile = None  # noqa: SLF001 - the documented switch: no caller frame walk (findCaller)
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

@@ -18,6 +18,7 @@ import ssl
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 import certifi
 from cryptography import x509
@@ -45,7 +46,7 @@ def build_ca_bundle(extra_ca_file: Path | None) -> str | None:
 
 def _remove(path: str) -> None:
     with contextlib.suppress(OSError):
-        os.unlink(path)
+        Path(path).unlink()
 
 
 class ReloadingServerContext(ssl.SSLContext):
@@ -60,9 +61,8 @@ class ReloadingServerContext(ssl.SSLContext):
     the context they started with.
     """
 
-    def __new__(
-        cls, cert_file: Path, key_file: Path, *, check_interval_seconds: float = CHECK_INTERVAL_SECONDS
-    ) -> ReloadingServerContext:
+    def __new__(cls, *_args: object, **_kwargs: object) -> Self:
+        # ssl.SSLContext takes its protocol in __new__; __init__ takes the files.
         return super().__new__(cls, ssl.PROTOCOL_TLS_SERVER)
 
     def __init__(
@@ -93,7 +93,7 @@ class ReloadingServerContext(ssl.SSLContext):
 
     def _file_signature(self) -> tuple[tuple[int, int, int], ...]:
         # The inode catches kubelet's atomic swap of a mounted Secret's files even within one mtime tick.
-        stats = [os.stat(path) for path in (self._cert_file, self._key_file)]
+        stats = [path.stat() for path in (self._cert_file, self._key_file)]
         return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats)
 
     def _reload_if_changed(self) -> None:
@@ -105,7 +105,7 @@ class ReloadingServerContext(ssl.SSLContext):
                 extra={"reason": exc.strerror},
             )
             return
-        if signature == self._signature or signature == self._rejected:
+        if signature in (self._signature, self._rejected):
             return
         try:
             context = self._load()

@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 from azure.identity.aio import (
@@ -110,7 +110,7 @@ class CredentialStore:
         # Apps whose credential Entra refused even after a reload: app -> AADSTS code (for /readyz).
         self.rejected: dict[str, str] = {}
 
-    async def __aenter__(self) -> CredentialStore:
+    async def __aenter__(self) -> Self:
         if self._settings.key_vault_url:
             # The credential and the client have separate pipelines: both need the CA bundle.
             transport: dict[str, Any] = {}

@@ -255,7 +255,7 @@ async def token(request: web.Request) -> web.Response:
             "the administrator of the tenant or consented to by any user in the tenant. You might "
             "have sent your authentication request to the wrong tenant.",
         )
-    return _issue(request, state, tenant, app, resource, auth_method, version)
+    return _issue(state, tenant, app, resource, auth_method, version)
 
 
 def _missing_parameter(request: web.Request, name: str) -> web.Response:
@@ -349,7 +349,6 @@ def _authenticate(
 
 
 def _issue(
-    request: web.Request,
     state: EmulatorState,
     tenant: Tenant,
     app: App,

@@ -92,7 +92,7 @@ async def serve(
                 "broker_client_id": BROKER_CLIENT_ID,
             },
         )
-        print(f"emulator listening on {base} (ready file {ready})", flush=True)
+        print(f"emulator listening on {base} (ready file {ready})", flush=True)  # noqa: T201 - its console line
         await stop.wait()
     finally:
         ready.unlink(missing_ok=True)

@@ -521,7 +521,7 @@ class EmulatorState:
     def counters(self) -> dict[str, int]:
         """Requests per endpoint class ("discovery", "token", "jwks", "vault"), "issued_tokens"
         and "faults_fired", zeros included."""
-        every = {name: 0 for name in (*sorted(ENDPOINTS), "issued_tokens", "faults_fired")}
+        every = dict.fromkeys((*sorted(ENDPOINTS), "issued_tokens", "faults_fired"), 0)
         return {**every, **self.counts}
 
     @operation

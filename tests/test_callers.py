@@ -166,7 +166,7 @@ async def test_service_account_tokens_rs256_and_es256(issuer: Issuer, kid: str) 
         (lambda i: i.token("rsa-1", forged=True), "rejected"),
         (lambda i: i.token("rsa-1", sub="system:serviceaccount:other:intruder"), "not a configured caller"),
         (lambda i: i.token("rsa-1")[:-4] + "AAAA", "rejected"),
-        (lambda i: "a.b.c", "not a valid JWT"),
+        (lambda _: "a.b.c", "not a valid JWT"),
     ],
 )
 async def test_bad_service_account_tokens(issuer: Issuer, make: Any, message: str) -> None:

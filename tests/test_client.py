@@ -83,7 +83,7 @@ def test_a_tenant_is_required_before_anything_is_sent() -> None:
 
 
 def test_token_file_follows_a_kubelet_style_rotation(tmp_path: Path) -> None:
-    """token -> ..data/token, ..data -> a timestamped directory: swapping ..data (what kubelet does)
+    """Token -> ..data/token, ..data -> a timestamped directory: swapping ..data (what kubelet does)
     is seen on the next read, and so is an in-place rewrite."""
     first = tmp_path / "..2025_01_01"
     first.mkdir()
@@ -97,7 +97,7 @@ def test_token_file_follows_a_kubelet_style_rotation(tmp_path: Path) -> None:
     second.mkdir()
     (second / "token").write_text("second-token\n")
     (tmp_path / "..data_tmp").symlink_to(second.name)
-    os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+    (tmp_path / "..data_tmp").replace(tmp_path / "..data")
     assert "second-token" == token_file.read()
 
     (second / "token").write_text("third-token, longer\n")

@@ -26,10 +26,10 @@ def test_wrong_key_and_tampering_fail() -> None:
     with pytest.raises(SealError):
         Sealer(parse_key(new_key())).open(sealed, b"k")
     sealer = Sealer(parse_key(new_key()))
-    sealed = bytearray(sealer.seal(b"x", b"k"))
-    sealed[-1] ^= 1
+    flipped = bytearray(sealer.seal(b"x", b"k"))
+    flipped[-1] ^= 1
     with pytest.raises(SealError):
-        sealer.open(bytes(sealed), b"k")
+        sealer.open(bytes(flipped), b"k")
     with pytest.raises(SealError):
         sealer.open(b"\x01short", b"k")
 

@@ -677,7 +677,7 @@ def test_counters_and_reset(emulator: Emulator, customer: Customer, http: reques
         "faults_fired": 1,
     }
     assert expected == before
-    assert {k: 0 for k in expected} == emulator.counters()
+    assert dict.fromkeys(expected, 0) == emulator.counters()
     assert [] == emulator.requests()
 
 

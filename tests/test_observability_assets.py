@@ -63,11 +63,13 @@ def exposed() -> dict[str, frozenset[str]]:
 
 
 def _dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD_PATH.read_text(encoding="utf-8"))
+    document: dict[str, Any] = json.loads(DASHBOARD_PATH.read_text(encoding="utf-8"))
+    return document
 
 
 def _rule_file() -> dict[str, Any]:
-    return yaml.safe_load(ALERTS_PATH.read_text(encoding="utf-8"))
+    document: dict[str, Any] = yaml.safe_load(ALERTS_PATH.read_text(encoding="utf-8"))
+    return document
 
 
 def _rules() -> list[dict[str, Any]]:
@@ -284,7 +286,7 @@ def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
 
 @needs_promtool
 def test_promtool_accepts_the_rules_and_the_dashboard_queries(tmp_path: Path) -> None:
-    """promtool parses the rule file, and every dashboard query once Grafana's variables are filled in."""
+    """Promtool parses the rule file, and every dashboard query once Grafana's variables are filled in."""
     checked = _promtool("check", "rules", str(ALERTS_PATH))
     assert 0 == checked.returncode, checked.stdout + checked.stderr
     exprs = [target["expr"] for panel in _panels(_dashboard()) for target in panel["targets"]]
@@ -457,7 +459,7 @@ SCENARIOS = [
 def test_alert_fires_exactly_in_its_scenario(
     tmp_path: Path, alert: str, series: dict[str, str], minutes: int, fires: bool
 ) -> None:
-    """promtool evaluates the real rule file on synthetic series: the alert is firing after the given
+    """Promtool evaluates the real rule file on synthetic series: the alert is firing after the given
     minutes in its scenario, and not in the look-alike ones (customer-side errors, low traffic, an L1
     miss answered by Redis, one replica of two down, no new failure)."""
     test = {

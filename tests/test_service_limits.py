@@ -195,7 +195,7 @@ async def test_an_unexpected_failure_is_a_500_audited_and_counted_as_server_erro
     assert "secret-looking" not in json.dumps(body)
     [line] = _audit(audit_path)
     assert ("server_error", "defender") == (line["outcome"], line["app"])
-    metrics = client.app[http.METRICS]  # type: ignore[index]
+    metrics = client.app[http.METRICS]
     assert 1.0 == metrics.registry.get_sample_value(
         "broker_token_requests_total", {"caller": "soar", "outcome": "server_error"}
     )

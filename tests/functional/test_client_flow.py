@@ -6,7 +6,6 @@ rotation), and the README flow: listing incidents of several tenants from an emu
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -27,7 +26,7 @@ from azure.core.pipeline.policies import (
     BearerTokenCredentialPolicy,
     RetryPolicy,
 )
-from azure.core.rest import HttpRequest
+from azure.core.rest import HttpRequest, HttpResponse
 
 from broker.client import AsyncBrokerCredential, BrokerAuthenticationError, BrokerCredential
 from tests.functional.conftest import (
@@ -276,7 +275,7 @@ def test_token_file_rotation_is_picked_up(world: World, start_broker: StartBroke
         credential.get_token(SCOPE, tenant_id=TENANT_B)
         replacement = tmp_path / "caller-token.new"
         replacement.write_text(world.hunter_key)
-        os.replace(replacement, path)
+        replacement.replace(path)
         with pytest.raises(BrokerAuthenticationError) as denied:
             credential.get_token(SCOPE, tenant_id=TENANT_C)
         credential.get_token(SCOPE, tenant_id=TENANT_A)
@@ -305,7 +304,10 @@ def test_readme_flow_lists_defender_incidents_for_several_tenants(
         with pytest.raises(HttpResponseError) as forbidden:
             list_incidents(credential, [TENANT_NO_ROLE], defender_api.url, **verify)
         auth = BearerTokenCredentialPolicy(credential.for_tenant(TENANT_A), f"{MDE}/.default")
-        with PipelineClient(defender_api.url, policies=[auth], **verify) as wrong_audience:
+        wrong_audience: PipelineClient[HttpRequest, HttpResponse] = PipelineClient(
+            defender_api.url, policies=[auth], connection_verify=defender_api.ca_path
+        )
+        with wrong_audience:
             response = wrong_audience.send_request(HttpRequest("GET", f"{defender_api.url}/api/incidents"))
     assert {tenant: INCIDENTS[tid] for tenant, tid in TENANTS.items()} == found
     assert 403 == forbidden.value.status_code

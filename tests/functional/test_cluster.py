@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
+import datetime as dt
 import random
 import threading
 import time
@@ -73,11 +73,11 @@ async def test_cold_herd_over_three_replicas_costs_one_request_per_key(
     for (_, tenant), (_, body, _) in zip(jobs, results, strict=True):
         assert tenant == body["tenant_id"]
     per_tenant = Counter(entry["tenant_id"] for entry in world.emulator.requests("token", client_id=APP_ID))
-    assert {tenant: 1 for tenant in tenants} == dict(per_tenant)
+    assert dict.fromkeys(tenants, 1) == dict(per_tenant)
 
 
 def _epoch(stamp: str) -> float:
-    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC).timestamp()
+    return dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC).timestamp()
 
 
 async def test_refresh_ahead_under_steady_load(
@@ -149,7 +149,7 @@ async def _lock_exists(redis_url: str) -> bool:
 def test_killed_lease_holder_is_taken_over_within_the_lease(
     world: World, start_broker: StartBroker, redis_url: str
 ) -> None:
-    """kill -9 of the replica holding a key's lease mid-acquisition: another replica acquires the
+    """Kill -9 of the replica holding a key's lease mid-acquisition: another replica acquires the
     key once the lease runs out, and its callers all get the token."""
     tenant = _add_tenants(world, 1)[0]
     lease = 4.0

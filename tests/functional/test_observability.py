@@ -110,7 +110,7 @@ def _cli(world: World, tmp_path: Path, *args: str) -> subprocess.CompletedProces
 
 
 def test_probe_shows_claims_but_not_the_token(world: World, tmp_path: Path) -> None:
-    """probe prints tid, aud, roles and expiry; the token only with --show-token."""
+    """Probe prints tid, aud, roles and expiry; the token only with --show-token."""
     result = _cli(world, tmp_path, "probe", "--tenant", TENANT_A, "--resource", DEFENDER)
     assert 0 == result.returncode, result.stderr
     report = json.loads(result.stdout)
@@ -123,7 +123,7 @@ def test_probe_shows_claims_but_not_the_token(world: World, tmp_path: Path) -> N
 
 
 def test_probe_fails_listing_missing_roles_and_entra_errors(world: World, tmp_path: Path) -> None:
-    """probe exits 1 naming the roles the token lacks, and with the error body for an Entra refusal."""
+    """Probe exits 1 naming the roles the token lacks, and with the error body for an Entra refusal."""
     result = _cli(
         world,
         tmp_path,

@@ -67,7 +67,11 @@ def test_second_request_is_a_cache_hit(world: World, start_broker: StartBroker) 
 async def _raw_redis_values(url: str) -> dict[bytes, bytes]:
     redis = Redis.from_url(url)
     try:
-        return {key: await redis.get(key) or b"" async for key in redis.scan_iter(match="tb:v1:tok:*")}
+        values: dict[bytes, bytes] = {}
+        async for key in redis.scan_iter(match="tb:v1:tok:*"):
+            value = await redis.get(key)
+            values[key] = value if isinstance(value, bytes) else b""
+        return values
     finally:
         await redis.aclose()
 

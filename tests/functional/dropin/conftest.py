@@ -113,7 +113,7 @@ def guide_world(world: World) -> World:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without anything that steers an Azure SDK or its TLS trust, plus
+    """The process's environment without anything that steers an Azure SDK or its TLS trust, plus
     ``extra``: a client in a subprocess sees only what the test gives it."""
     steering = ("AZURE_", "IDENTITY_", "MSI_", "IMDS_", "REQUESTS_CA", "CURL_CA", "SSL_CERT", "NODE_EXTRA")
     env = {k: v for k, v in os.environ.items() if not k.startswith(steering)}

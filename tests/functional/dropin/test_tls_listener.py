@@ -4,7 +4,6 @@ port stays plain HTTP, and bad files are configuration errors naming the key."""
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 import time
@@ -38,7 +37,7 @@ def replace_file(path: Path, data: bytes) -> None:
     """Swap the file's content in one step (a new inode), as kubelet updates a mounted Secret."""
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(data)
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
 def test_renewed_certificate_is_served_without_restart(
