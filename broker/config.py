@@ -5,7 +5,8 @@ This is the only module that reads the process environment. Validation errors na
 ``ConfigError`` lists every problem at once: field errors (with "did you mean" for misspelt keys),
 checks across fields, and files the configuration names that do not exist. Messages never quote a value
 that may hold a secret (a Redis URL's password). Secrets never live in the file: credentials are
-*sources* (Key Vault secret or certificate, environment variable, mounted file) resolved later by
+*sources* (Key Vault secret or certificate, environment variable, mounted file; for an app, also a
+federated token or a Key Vault key that signs assertions: no secret at all) resolved later by
 ``vault.py``.
 """
 
