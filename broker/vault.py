@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -248,8 +249,11 @@ class CredentialStore:
             )
             return AppCredential(assertion=federated, fingerprint=label, source=source.describe())
         if source.kind == "certificate":
-            return _certificate_from_secret(loaded.value, loaded.content_type)
-        return AppCredential(client_secret=loaded.value, fingerprint=fingerprint(loaded.value))
+            certificate = _certificate_from_secret(loaded.value, loaded.content_type)
+            return dataclasses.replace(certificate, source=source.describe())
+        return AppCredential(
+            client_secret=loaded.value, fingerprint=fingerprint(loaded.value), source=source.describe()
+        )
 
     async def cache_key_text(self) -> str | None:
         source = self._settings.cache_encryption_key
