@@ -5,7 +5,8 @@ This is the only module that reads the process environment. Validation errors na
 ``ConfigError`` lists every problem at once: field errors (with "did you mean" for misspelt keys),
 checks across fields, and files the configuration names that do not exist. Messages never quote a value
 that may hold a secret (a Redis URL's password). Secrets never live in the file: credentials are
-*sources* (Key Vault secret or certificate, environment variable, mounted file) resolved later by
+*sources* (Key Vault secret or certificate, environment variable, mounted file; for an app, also a
+federated token or a Key Vault key that signs assertions: no secret at all) resolved later by
 ``vault.py``.
 """
 
@@ -104,37 +105,85 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class FederatedSource(_Frozen):
+    """A federated app credential: ``managed_identity`` (the broker's own Azure identity's token for
+    the token-exchange audience) or ``{token_file: PATH}`` (a projected token, re-read on rotation)."""
+
+    managed_identity: bool = False
+    token_file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if value == "managed_identity":
+            return {"managed_identity": True}
+        if not isinstance(value, Mapping):
+            # ValueError, not TypeError: pydantic reports only the former as a validation error.
+            raise ValueError("must be managed_identity or {token_file: PATH}")  # noqa: TRY004
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> FederatedSource:
+        if self.managed_identity == (self.token_file is not None):
+            raise ValueError("must be managed_identity or {token_file: PATH}")
+        return self
+
+
+class KeyVaultKeySource(_Frozen):
+    """A Key Vault certificate whose non-exportable key signs the app's client assertions."""
+
+    certificate: str
+
+
 class CredentialSource(_Frozen):
-    """Where a secret comes from: exactly one of Key Vault secret/certificate, env var, or file."""
+    """Where a credential comes from: exactly one of Key Vault secret/certificate, env var, file, or,
+    for an app's credential only, a federated token or a Key Vault key that signs assertions."""
 
     secret: str | None = None
     certificate: str | None = None
     env: str | None = None
     file: Path | None = None
+    federated: FederatedSource | None = None
+    key_vault_key: KeyVaultKeySource | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> CredentialSource:
-        given = [name for name in ("secret", "certificate", "env", "file") if getattr(self, name)]
+        kinds = ("secret", "certificate", "env", "file", "federated", "key_vault_key")
+        given = [name for name in kinds if getattr(self, name)]
         if len(given) != 1:
-            raise ValueError("give exactly one of secret, certificate, env, file")
+            raise ValueError("give exactly one of " + ", ".join(kinds))
         return self
 
     @property
-    def kind(self) -> Literal["secret", "certificate", "env", "file"]:
+    def kind(self) -> Literal["secret", "certificate", "env", "file", "federated", "key_vault_key"]:
         if self.secret:
             return "secret"
         if self.certificate:
             return "certificate"
         if self.env:
             return "env"
+        if self.federated:
+            return "federated"
+        if self.key_vault_key:
+            return "key_vault_key"
         return "file"
 
     @property
     def uses_key_vault(self) -> bool:
-        return self.kind in ("secret", "certificate")
+        return self.kind in ("secret", "certificate", "key_vault_key")
+
+    @property
+    def is_assertion(self) -> bool:
+        """An app credential presented as a client assertion: no secret or private key is loaded."""
+        return self.kind in ("federated", "key_vault_key")
 
     def describe(self) -> str:
         """A label safe for logs: names the source, never its value."""
+        if self.federated is not None:
+            where = self.federated.token_file or "managed_identity"
+            return f"federated:{'token_file:' if self.federated.token_file else ''}{where}"
+        if self.key_vault_key is not None:
+            return f"key_vault_key:{self.key_vault_key.certificate}"
         return f"{self.kind}:{self.secret or self.certificate or self.env or self.file}"
 
 
@@ -535,9 +584,16 @@ def _cross_field_problems(data: Mapping[str, Any]) -> list[Problem]:
         problems.extend(
             ("key_vault_url", f"required by {where} ({kind})")
             for where, source in _credential_sources(data)
-            for kind in ("secret", "certificate")
+            for kind in ("secret", "certificate", "key_vault_key")
             if source.get(kind)
         )
+    # Assertions authenticate an app to Entra; they are no value a key can be read from.
+    problems.extend(
+        (f"{where}.{kind}", "only an app credential can be federated or Key Vault-signed")
+        for where, source in _credential_sources(data)
+        for kind in ("federated", "key_vault_key")
+        if source.get(kind) and not where.startswith("apps.")
+    )
     for field in ("api_key_sha256", "service_account"):
         first_with: dict[str, str] = {}
         for name, caller in callers.items():
@@ -574,6 +630,10 @@ def _missing_file_problems(data: Mapping[str, Any]) -> list[Problem]:
         ("service_account_auth.jwks_file", _mapping(data.get("service_account_auth")).get("jwks_file")),
     ]
     named += [(f"{where}.file", source.get("file")) for where, source in _credential_sources(data)]
+    named += [
+        (f"{where}.federated.token_file", _mapping(source.get("federated")).get("token_file"))
+        for where, source in _credential_sources(data)
+    ]
     problems = []
     for key, value in named:
         if isinstance(value, str | Path) and str(value):
@@ -725,3 +785,9 @@ def _yaml_error_summary(exc: yaml.YAMLError) -> str:
 def read_env_secret(name: str) -> str | None:
     """The value of an ``{env: NAME}`` credential source (kept here: the one module reading env)."""
     return os.environ.get(name)
+
+
+def managed_identity_client_id() -> str | None:
+    """``AZURE_CLIENT_ID``: the user-assigned managed identity ``azure_credential: managed_identity``
+    uses (as DefaultAzureCredential does); a federated credential must name a user-assigned one."""
+    return os.environ.get("AZURE_CLIENT_ID") or None

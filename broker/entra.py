@@ -12,16 +12,18 @@ does not hide a newly granted consent or distort our own backoff.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
 import msal
@@ -40,6 +42,7 @@ from broker.errors import (
 from broker.tokens import AccessToken, TokenKey
 
 if TYPE_CHECKING:
+    from broker.assertions import AssertionSource
     from broker.config import EntraOptions
     from broker.metrics import Metrics
     from broker.vault import AppCredential, CredentialStore
@@ -50,6 +53,22 @@ CONSENT_CODES = frozenset({700016, 7000229, 65001, 650056, 90094})
 UNKNOWN_TENANT_CODES = frozenset({90002})
 TENANT_PERMANENT_CODES = frozenset({500011, 53003})
 CREDENTIAL_CODES = frozenset({7000215, 7000222, 700027, 7000112})
+# Refusals of a federated or Key Vault-signed client assertion: app-wide credential errors too (reload
+# once, then 502). What each means for the operator (the README lists the fix for each):
+ASSERTION_CODES: Final[Mapping[int, str]] = {
+    70021: "no federated identity credential on the app matches the presented token "
+    "(issuer, subject and audience must match one exactly; a new one takes a few minutes to apply)",
+    700211: "no federated identity credential on the app names the presented token's issuer",
+    700212: "no federated identity credential on the app names the presented token's audience",
+    700213: "no federated identity credential on the app names the presented token's subject",
+    700236: "the managed identity is in another tenant than the app (a federated managed identity "
+    "must share the app's home tenant)",
+    70023: "the presented external token lives longer than Entra accepts (about a day)",
+    700024: "the client assertion is outside its valid time range (expired or not yet valid: a stale "
+    "projected token, or clock skew)",
+    700027: "the client assertion's signature or certificate is not one registered on the app "
+    "(upload the certificate's public part, or check its thumbprint)",
+}
 TRANSIENT_CODES = frozenset({90055, 50196})
 DEFAULT_RETRY_AFTER_SECONDS = 5
 
@@ -94,9 +113,11 @@ def classify(failure: EntraFailure, *, tenant: str, consent_link: str) -> Broker
         )
     if code in UNKNOWN_TENANT_CODES:
         return UnknownTenantError(f"Entra ID does not know tenant {tenant}", aadsts=aadsts)
-    if code in CREDENTIAL_CODES:
+    if code in CREDENTIAL_CODES or code in ASSERTION_CODES:
+        meaning = ASSERTION_CODES.get(code)
+        because = f": {meaning}" if meaning else ""
         return CredentialRejectedError(
-            "Entra ID rejected the app credential; the operator must fix it", aadsts=aadsts
+            f"Entra ID rejected the app credential{because}; the operator must fix it", aadsts=aadsts
         )
     if code in TENANT_PERMANENT_CODES:
         return TenantRefusedError(
@@ -186,6 +207,42 @@ class _RecordingSession(requests.Session):
         return answer
 
 
+class _AssertionUnavailableError(Exception):
+    """The client assertion could not be had (Key Vault, the managed identity, the token file): carries
+    the ``BrokerError`` out of MSAL, which passes a callback's exception through untouched."""
+
+    def __init__(self, error: BrokerError) -> None:
+        super().__init__(error.description)
+        self.error = error
+
+
+class _AssertionCallback:
+    """MSAL's ``client_assertion`` callable: MSAL (1.39+) calls it in an executor thread with
+    ``{"client_id", "token_endpoint"}`` whenever it sends a token request; the assertion comes from the
+    event loop (Key Vault and azure-identity are async), the thread waits for it, bounded."""
+
+    def __init__(
+        self, source: AssertionSource, loop: asyncio.AbstractEventLoop, timeout_seconds: float
+    ) -> None:
+        self._source = source
+        self._loop = loop
+        self._timeout_seconds = timeout_seconds
+
+    def __call__(self, context: dict[str, str]) -> str:
+        future = asyncio.run_coroutine_threadsafe(
+            self._source.assertion(context["token_endpoint"]), self._loop
+        )
+        try:
+            return future.result(self._timeout_seconds)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise _AssertionUnavailableError(
+                TemporarilyUnavailableError("no client assertion could be had in time", retry_after=5)
+            ) from None
+        except BrokerError as exc:
+            raise _AssertionUnavailableError(exc) from exc
+
+
 def _parse_retry_after(value: str | None) -> int | None:
     if value is None:
         return None
@@ -237,21 +294,48 @@ class EntraClient:
             except CredentialRejectedError as exc:
                 self._metrics.credential_failures.labels(app=app).inc()
                 self._credentials.mark_rejected(app, exc.aadsts or "")
+                self._log_rejection(app, tenant, fresh, exc)
                 raise
         self._credentials.mark_accepted(app)
         return token
+
+    def _log_rejection(
+        self, app: str, tenant: str, credential: AppCredential, exc: CredentialRejectedError
+    ) -> None:
+        """The operator's line: which source, what Entra said and means, and — for an assertion — the
+        issuer, subject, audience and expiry that were presented, to compare with the app's federated
+        credential or certificate (never the assertion itself)."""
+        code = _code_in(exc.aadsts or "")
+        presented = None
+        if credential.assertion is not None:
+            endpoint = f"{self._options.authority_host}/{tenant}/oauth2/v2.0/token"
+            presented = credential.assertion.presented(endpoint) or None
+        log.error(
+            "Entra ID rejected the app credential after a reload: fix the credential",
+            extra={
+                "app": app,
+                "tenant": tenant,
+                "credential_source": credential.source or None,
+                "aadsts": exc.aadsts,
+                "meaning": ASSERTION_CODES.get(code or 0),
+                "presented": presented,
+            },
+        )
 
     async def _acquire_with(
         self, app: str, tenant: str, resource: str, credential: AppCredential
     ) -> AccessToken:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
-        call = partial(self._acquire_sync, app, tenant, resource, credential)
+        call = partial(self._acquire_sync, app, tenant, resource, credential, loop)
         try:
             result, status, retry_after = await asyncio.wait_for(
                 loop.run_in_executor(self._executor, call),
                 timeout=self._options.timeout_seconds * 2,
             )
+        except _AssertionUnavailableError as exc:
+            # Not an Entra answer: nothing reached Entra, so nothing is recorded as an upstream call.
+            raise exc.error from exc.error.__cause__
         except BrokerError as exc:
             self._record(app, started, exc)
             raise
@@ -294,10 +378,15 @@ class EntraClient:
     # --- runs in the executor -------------------------------------------------------------------
 
     def _acquire_sync(
-        self, app: str, tenant: str, resource: str, credential: AppCredential
+        self,
+        app: str,
+        tenant: str,
+        resource: str,
+        credential: AppCredential,
+        loop: asyncio.AbstractEventLoop,
     ) -> tuple[dict[str, Any], int | None, int | None]:
         self._session.forget_last()
-        client = self._client_sync(app, tenant, resource, credential)
+        client = self._client_sync(app, tenant, resource, credential, loop)
         try:
             result = client.acquire_token_for_client(scopes=[f"{resource}/.default"])
         except requests.RequestException as exc:
@@ -311,7 +400,12 @@ class EntraClient:
         return (result, *self._session.last_answer())
 
     def _client_sync(
-        self, app: str, tenant: str, resource: str, credential: AppCredential
+        self,
+        app: str,
+        tenant: str,
+        resource: str,
+        credential: AppCredential,
+        loop: asyncio.AbstractEventLoop,
     ) -> msal.ConfidentialClientApplication:
         key = (app, tenant)
         with self._clients_lock:
@@ -319,7 +413,7 @@ class EntraClient:
             if entry is not None and entry[0] == credential.fingerprint:
                 self._clients.move_to_end(key)
                 return entry[1]
-        client = self._build_client(app, tenant, resource, credential)
+        client = self._build_client(app, tenant, resource, credential, loop)
         with self._clients_lock:
             self._clients[key] = (credential.fingerprint, client)
             self._clients.move_to_end(key)
@@ -328,11 +422,22 @@ class EntraClient:
         return client
 
     def _build_client(
-        self, app: str, tenant: str, resource: str, credential: AppCredential
+        self,
+        app: str,
+        tenant: str,
+        resource: str,
+        credential: AppCredential,
+        loop: asyncio.AbstractEventLoop,
     ) -> msal.ConfidentialClientApplication:
         settings = self._options.apps[app]
         client_credential: Any
-        if credential.is_certificate:
+        if credential.assertion is not None:
+            client_credential = {
+                "client_assertion": _AssertionCallback(
+                    credential.assertion, loop, self._options.timeout_seconds
+                )
+            }
+        elif credential.is_certificate:
             client_credential = {
                 "private_key": credential.private_key_pem,
                 "public_certificate": credential.certificate_pem,

@@ -92,7 +92,8 @@ class Metrics:
         )
         self.keyvault_requests = Counter(
             "broker_keyvault_requests",
-            "Key Vault fetches by outcome.",
+            "Key Vault requests (secret and certificate reads, key signatures) by outcome "
+            "(ok, not_found, error, throttled).",
             ["outcome"],
             registry=r,
         )

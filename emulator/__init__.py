@@ -2,9 +2,11 @@
 
 What it emulates: the parts of Entra ID a confidential client uses for the client-credentials grant
 (per-tenant OIDC discovery and JWKS, the v2 and v1 token endpoints issuing RS256 JWTs with ``tid``,
-``aud``, ``roles``, ``exp``, client secrets and certificate assertions, admin consent per tenant and
-Entra-shaped ``AADSTS`` errors) and the Key Vault secrets API behind its bearer challenge (versions,
-enabled flags, an access policy). The real ``msal.ConfidentialClientApplication``,
+``aud``, ``roles``, ``exp``, client secrets, certificate assertions and federated identity
+credentials, admin consent per tenant and Entra-shaped ``AADSTS`` errors), the managed-identity
+endpoint of App Service for user-assigned identities, and the Key Vault secrets, certificates and
+keys APIs behind its bearer challenge (versions, enabled flags, an access policy, non-exportable keys
+that sign but never leave). The real ``msal.ConfidentialClientApplication``,
 ``azure.identity.aio.ClientSecretCredential`` and ``azure.keyvault.secrets.aio.SecretClient`` talk to
 it unchanged, given only the options any local TLS endpoint needs (a CA file, MSAL's
 ``instance_discovery=False``, Key Vault's ``verify_challenge_resource=False``).
@@ -22,7 +24,8 @@ Run it with ``python -m emulator`` (see ``__main__``). Modules:
 * ``state``   — in-memory directory, vault, faults, request log (no I/O), and the control
   operations, each written once as an ``@operation`` method;
 * ``entra``   — OIDC discovery, JWKS and v2/v1 token endpoints (Entra-shaped errors);
-* ``vault``   — Key Vault secret reads behind the bearer challenge;
+* ``vault``   — Key Vault secret, certificate and key reads and ``keys/sign``, behind the bearer challenge;
+* ``identity`` — the managed-identity endpoint (App Service's protocol);
 * ``control`` — the control API, ``POST /_emulator/{operation}``, derived from ``state``;
 * ``app``     — the aiohttp app, request logging and fault injection middleware;
 * ``context`` — typed aiohttp keys and helpers shared by the HTTP modules;

@@ -1,7 +1,8 @@
 """The aiohttp application of the emulator: routes, request log and fault injection.
 
-One server, one port, three faces: Entra ID (``entra``), Key Vault (``vault``, the vault URL is
-the server's base URL) and the test control API under ``/_emulator/`` (``control``). Route names
+One server, one port, four faces: Entra ID (``entra``), Key Vault (``vault``, the vault URL is
+the server's base URL), the managed-identity endpoint (``identity``) and the test control API under
+``/_emulator/`` (``control``). Route names
 carry the endpoint class (``"token:v2"`` → ``token``), which a middleware uses to log every
 emulated-service request and to fire injected faults before the real handler runs.
 """
@@ -14,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from . import control, entra, vault
+from . import control, entra, identity, vault
 from .context import REQUEST_INFO, STATE, RequestInfo
 from .entra import client_credentials, requested_resource
 from .state import ENDPOINTS, EmulatorState, Fault, RequestRecord
@@ -31,7 +32,7 @@ async def _describe(request: web.Request, state: EmulatorState) -> RequestInfo |
         return None
     raw_tenant = request.match_info.get("tenant")
     tenant_id: str | None
-    if endpoint == "vault":
+    if endpoint in ("vault", "sign", "identity"):
         raw_tenant, tenant_id = None, VAULT_TENANT_ID
     elif raw_tenant is None:
         tenant_id = None
@@ -80,7 +81,15 @@ async def emulated_service_middleware(request: web.Request, handler: Handler) ->
         return response
     finally:
         state.record(
-            RequestRecord(info.endpoint, info.tenant_id, info.client_id, info.resource, status, time.time())
+            RequestRecord(
+                info.endpoint,
+                info.tenant_id,
+                info.client_id,
+                info.resource,
+                status,
+                time.time(),
+                info.credential if 200 <= status < 300 else None,
+            )
         )
 
 
@@ -102,8 +111,10 @@ def _fault_response(request: web.Request, info: RequestInfo, fault: Fault) -> we
     if fault.kind == "429_text":
         return web.Response(status=429, text="Too Many Requests", headers=headers)
     status = int(fault.kind)
-    if info.endpoint == "vault":
+    if info.endpoint in ("vault", "sign"):
         return vault.fault_response(status, headers)
+    if info.endpoint == "identity":
+        return identity.fault_response(status, headers)
     return entra.fault_response(request, status, headers)
 
 
@@ -113,5 +124,6 @@ def build_app(state: EmulatorState | None = None) -> web.Application:
     app[STATE] = state or EmulatorState()
     entra.add_routes(app.router)
     vault.add_routes(app.router)
+    identity.add_routes(app.router)
     control.add_routes(app.router)
     return app

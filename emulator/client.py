@@ -149,6 +149,16 @@ class Emulator:
         """The authority URL for ``tenant`` (GUID or domain), for MSAL's ``authority=``."""
         return f"{self.base_url}/{tenant}"
 
+    @property
+    def identity_endpoint(self) -> str:
+        """The managed-identity endpoint (``IDENTITY_ENDPOINT`` of App Service's protocol)."""
+        return f"{self.base_url}/msi/token"
+
+    def entra_issuer(self, tenant: str) -> str:
+        """The issuer of this emulator's v2 tokens for ``tenant`` (a managed identity's exchange token):
+        what a federated identity credential for a managed identity names."""
+        return f"{self.base_url}/{tenant}/v2.0"
+
     def token_url(self, tenant: str, *, v1: bool = False) -> str:
         """The token endpoint URL for ``tenant``."""
         return f"{self.base_url}/{tenant}/oauth2/{'token' if v1 else 'v2.0/token'}"
@@ -207,6 +217,13 @@ class Emulator:
     add_app = remote(EmulatorState.add_app)
     add_app_secret = remote(EmulatorState.add_app_secret)
     add_app_certificate = remote(EmulatorState.add_app_certificate)
+    add_federated_credential = remote(EmulatorState.add_federated_credential)
+    remove_federated_credentials = remote(EmulatorState.remove_federated_credentials)
+    set_federated_errors = remote(EmulatorState.set_federated_errors)
+    add_managed_identity = remote(EmulatorState.add_managed_identity)
+    add_oidc_issuer = remote(EmulatorState.add_oidc_issuer)
+    issue_oidc_token = remote(EmulatorState.issue_oidc_token)
+    create_certificate = remote(EmulatorState.create_certificate)
     rotate_app_secret = remote(EmulatorState.rotate_app_secret)
     grant = remote(EmulatorState.grant)
     revoke = remote(EmulatorState.revoke)

@@ -26,6 +26,7 @@ class RequestInfo:
     tenant_id: str | None
     client_id: str | None = None
     resource: str | None = None
+    credential: str | None = None  # how a token request authenticated (see RequestRecord)
 
 
 REQUEST_INFO: Final = web.RequestKey("emulator_request_info", RequestInfo)

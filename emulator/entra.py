@@ -12,16 +12,18 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import hashlib
 import time
 import uuid
 from typing import Any, Final
 from urllib.parse import unquote_plus
 
+import jwt
 from aiohttp import web
 
-from .context import STATE, base_url
+from .context import REQUEST_INFO, STATE, base_url
 from .state import App, EmulatorState, Tenant, normalize_resource, secret_matches
-from .tokens import AssertionRejected, verify_client_assertion
+from .tokens import AssertionRejected, SigningKey, verify_client_assertion, verify_federated_assertion
 
 JWT_BEARER: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 # Tenant aliases Entra serves signing keys for without a directory lookup.
@@ -243,6 +245,8 @@ async def token(request: web.Request) -> web.Response:
     auth_method = _authenticate(request, form, app, secret, audiences)
     if isinstance(auth_method, web.Response):
         return auth_method
+    if auth_method == "1":
+        _note_credential(request, "secret")
 
     if not state.is_provisioned(tenant.tenant_id, resource):
         return entra_error(
@@ -286,6 +290,22 @@ def _bad_resource_parameter(request: web.Request, form: dict[str, str], version:
     )
 
 
+def _note_credential(request: web.Request, credential: str) -> None:
+    info = request.get(REQUEST_INFO)
+    if info is not None:
+        info.credential = credential
+
+
+def _is_self_signed(assertion: str, client_id: str) -> bool:
+    """A ``private_key_jwt`` assertion names the app itself as issuer; anything else is a token of
+    another issuer, presented under a federated identity credential."""
+    try:
+        claims = jwt.decode(assertion, options={"verify_signature": False})
+    except jwt.InvalidTokenError:
+        return True  # let the certificate path describe what is wrong with it
+    return str(claims.get("iss", "")).lower() == client_id
+
+
 def _authenticate(
     request: web.Request,
     form: dict[str, str],
@@ -293,7 +313,8 @@ def _authenticate(
     secret: str | None,
     audiences: set[str],
 ) -> str | web.Response:
-    """Check the client credential; return ``appidacr`` ("1" secret, "2" cert) or an error."""
+    """Check the client credential; return ``appidacr`` ("1" secret, "2" cert or federated) or an
+    error."""
     assertion = form.get("client_assertion")
     if assertion is not None:
         if form.get("client_assertion_type") != JWT_BEARER:
@@ -305,12 +326,17 @@ def _authenticate(
                 "Client assertion type must be 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer'.",
             )
         try:
-            verify_client_assertion(
-                assertion,
-                client_id=app.client_id,
-                certificates=app.certificates,
-                audiences=audiences,
-            )
+            if _is_self_signed(assertion, app.client_id):
+                cert = verify_client_assertion(
+                    assertion,
+                    client_id=app.client_id,
+                    certificates=app.certificates,
+                    audiences=audiences,
+                )
+                _note_credential(request, f"certificate:{cert.sha256.hex().upper()}")
+            else:
+                _verify_federated(request, assertion, app)
+                _note_credential(request, f"federated:{hashlib.sha256(assertion.encode()).hexdigest()[:16]}")
         except AssertionRejected as exc:
             return entra_error(request, 401, "invalid_client", exc.code, exc.description)
         return "2"
@@ -346,6 +372,32 @@ def _authenticate(
             "https://aka.ms/certCreds.",
         )
     return "1"
+
+
+def _verify_federated(request: web.Request, assertion: str, app: App) -> None:
+    """A token of another issuer as the app's credential: this emulator's own Entra tokens (a managed
+    identity's, issuer ``{base}/{tenant}/v2.0``) are checked with its signing key, other issuers'
+    with the keys the control API registered for them."""
+    state = request.app[STATE]
+    entra_prefix = base_url(request) + "/"
+
+    def entra_tenant_of(issuer: str) -> str | None:
+        if not (issuer.startswith(entra_prefix) and issuer.endswith("/v2.0")):
+            return None
+        tenant = state.resolve_tenant(issuer.removeprefix(entra_prefix).removesuffix("/v2.0"))
+        return tenant.tenant_id if tenant is not None else None
+
+    def signer_for(issuer: str) -> SigningKey | None:
+        return state.signer if entra_tenant_of(issuer) is not None else state.oidc_issuers.get(issuer)
+
+    verify_federated_assertion(
+        assertion,
+        home_tenant=app.home_tenant,
+        credentials=app.federated,
+        signer_for=signer_for,
+        entra_tenant_of=entra_tenant_of,
+        detailed=state.federated_errors_detailed,
+    )
 
 
 def _issue(

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 
 import pytest
@@ -34,10 +35,11 @@ def emulator(emulator_process: Emulator) -> Emulator:
 
 
 def _clear_key_vault_challenge_cache() -> None:
-    # The SDK caches the vault's challenge (tenant, resource) per host:port for the whole process;
-    # a test that changed the vault's answer must not leak it into the next one.
-    try:
-        from azure.keyvault.secrets._shared import http_challenge_cache
-    except ImportError:  # the Key Vault SDK is optional for tests that only use Entra
-        return
-    http_challenge_cache.clear()
+    # Each Key Vault SDK caches the vault's challenge (tenant, resource) per host:port for the whole
+    # process; a test that changed the vault's answer must not leak it into the next one.
+    for package in ("secrets", "keys", "certificates"):
+        try:
+            module = importlib.import_module(f"azure.keyvault.{package}._shared.http_challenge_cache")
+        except ImportError:  # the Key Vault SDKs are optional for tests that only use Entra
+            continue
+        module.clear()

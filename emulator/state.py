@@ -26,12 +26,13 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
-from .tokens import SigningKey
+from .tokens import SigningKey, make_certificate
 from .world import BROKER_CLIENT_ID, BROKER_CLIENT_SECRET, DEMO_WORLD, VAULT_TENANT_DOMAINS, VAULT_TENANT_ID
 
 #: Audience Key Vault accepts and the resource its challenge names.
@@ -39,8 +40,15 @@ VAULT_RESOURCE: Final = "https://vault.azure.net"
 
 DEFAULT_TOKEN_LIFETIME: Final = 3600
 
-#: Endpoint classes of the emulated services, as logged, counted and targeted by faults.
-ENDPOINTS: Final[frozenset[str]] = frozenset({"discovery", "token", "jwks", "vault"})
+#: The audience of a token presented under a federated identity credential (public cloud).
+TOKEN_EXCHANGE_AUDIENCE: Final = "api://AzureADTokenExchange"  # noqa: S105 - an audience, not a password
+#: Entra allows at most this many federated identity credentials on one app.
+MAX_FEDERATED_CREDENTIALS: Final = 20
+
+#: Endpoint classes of the emulated services, as logged, counted and targeted by faults: "vault" is
+#: every Key Vault read (secrets, keys, certificates), "sign" Key Vault's ``keys/sign`` and "identity"
+#: the managed-identity endpoint.
+ENDPOINTS: Final[frozenset[str]] = frozenset({"discovery", "token", "jwks", "vault", "sign", "identity"})
 FAULT_ENDPOINTS: Final[frozenset[str]] = ENDPOINTS | {"any"}
 FAULT_KINDS: Final[frozenset[str]] = frozenset({"429", "429_text", "500", "503", "latency", "drop"})
 
@@ -122,6 +130,26 @@ class AppCertificate:
     sha256: bytes
 
 
+@dataclass(frozen=True)
+class FederatedCredential:
+    """A federated identity credential on an app: tokens from ``issuer`` about ``subject`` for one of
+    ``audiences`` authenticate the app (Entra compares issuer and subject exactly, case included)."""
+
+    name: str
+    issuer: str
+    subject: str
+    audiences: tuple[str, ...]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON form for the control API."""
+        return {
+            "name": self.name,
+            "issuer": self.issuer,
+            "subject": self.subject,
+            "audiences": list(self.audiences),
+        }
+
+
 @dataclass
 class App:
     """An app registration (multi-tenant capable) with its credentials."""
@@ -130,6 +158,17 @@ class App:
     home_tenant: str
     secrets: list[AppSecret] = field(default_factory=list)
     certificates: list[AppCertificate] = field(default_factory=list)
+    federated: list[FederatedCredential] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ManagedIdentity:
+    """A user-assigned managed identity: a service principal in the vault tenant with no credential
+    of its own; the managed-identity endpoint hands out its tokens."""
+
+    client_id: str
+    object_id: str
+    tenant_id: str
 
 
 @dataclass
@@ -174,6 +213,60 @@ class VaultSecret:
 
 
 @dataclass
+class KeyVersion:
+    """One version of a Key Vault key (RSA, created by a certificate): the private half never leaves."""
+
+    version: str
+    private_key: rsa.RSAPrivateKey = field(repr=False)
+    created: int
+    enabled: bool = True
+
+
+@dataclass
+class CertificateVersion:
+    """One version of a Key Vault certificate; its key is the key version of the same id."""
+
+    version: str
+    cert_pem: str
+    created: int
+    exportable: bool
+
+    @property
+    def der(self) -> bytes:
+        """The certificate, DER-encoded (what Key Vault returns as ``cer``)."""
+        cert = x509.load_pem_x509_certificate(self.cert_pem.encode())
+        return cert.public_bytes(serialization.Encoding.DER)
+
+
+@dataclass
+class VaultCertificate:
+    """A Key Vault certificate and the key of the same name behind it, versions oldest first."""
+
+    name: str
+    subject: str
+    versions: list[CertificateVersion] = field(default_factory=list)
+    keys: list[KeyVersion] = field(default_factory=list)
+
+    def current(self) -> CertificateVersion | None:
+        """The newest version, which ``GET /certificates/{name}`` returns."""
+        return self.versions[-1] if self.versions else None
+
+    def key(self, version: str | None) -> KeyVersion | None:
+        """The key version with this id (the newest for None or an empty version)."""
+        if not version:
+            return self.keys[-1] if self.keys else None
+        wanted = version.lower()
+        return next((k for k in self.keys if k.version == wanted), None)
+
+    def certificate(self, version: str | None) -> CertificateVersion | None:
+        """The certificate version with this id (the newest for None)."""
+        if not version:
+            return self.current()
+        wanted = version.lower()
+        return next((c for c in self.versions if c.version == wanted), None)
+
+
+@dataclass
 class Fault:
     """An injected failure for matching requests; fires ``remaining`` times (-1: forever)."""
 
@@ -208,6 +301,10 @@ class RequestRecord:
     resource: str | None
     status: int  # 0 when a "drop" fault closed the connection without a response
     time: float
+    # How a token request authenticated, when it did: "secret", "certificate:<SHA-256 thumbprint of
+    # the registered certificate that verified the assertion>" or "federated:<SHA-256 of the presented
+    # token, first 16 hex digits>" (a fingerprint, never the token).
+    credential: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         """JSON form for the control API."""
@@ -218,6 +315,7 @@ class RequestRecord:
             "resource": self.resource,
             "status": self.status,
             "time": self.time,
+            "credential": self.credential,
         }
 
 
@@ -232,7 +330,17 @@ class EmulatorState:
         self.consents: dict[tuple[str, str], Consent] = {}
         self.unprovisioned: set[tuple[str, str]] = set()
         self.vault: dict[str, VaultSecret] = {}
+        self.vault_certificates: dict[str, VaultCertificate] = {}
         self.vault_access: set[str] | None = None
+        self.managed_identities: dict[str, ManagedIdentity] = {}
+        #: The App Service managed-identity protocol's shared header value (IDENTITY_HEADER).
+        self.identity_header = ""
+        #: Signing keys of OIDC issuers outside Entra (a Kubernetes cluster's), by issuer URL: what
+        #: Entra would fetch from the issuer's discovery document and JWKS.
+        self.oidc_issuers: dict[str, SigningKey] = {}
+        #: Entra names the mismatched part of a federated credential (700211/700212/700213) unless
+        #: this is False, when it answers the older combined AADSTS70021.
+        self.federated_errors_detailed = True
         self.pending_faults: list[Fault] = []
         self.token_lifetime = DEFAULT_TOKEN_LIFETIME
         self.token_lifetime_jitter = 0
@@ -250,7 +358,12 @@ class EmulatorState:
         self.consents.clear()
         self.unprovisioned.clear()
         self.vault.clear()
+        self.vault_certificates.clear()
         self.vault_access = None
+        self.managed_identities.clear()
+        self.identity_header = secrets.token_urlsafe(24)
+        self.oidc_issuers.clear()
+        self.federated_errors_detailed = True
         self.pending_faults.clear()
         self.token_lifetime = DEFAULT_TOKEN_LIFETIME
         self.token_lifetime_jitter = 0
@@ -337,6 +450,107 @@ class EmulatorState:
         except ValueError as exc:
             raise StateError("certificate_pem is not a PEM certificate") from exc
         self.require_app(client_id).certificates.append(AppCertificate(cert_pem, sha1, sha256))
+
+    @operation
+    def add_federated_credential(
+        self,
+        client_id: str,
+        *,
+        issuer: str,
+        subject: str,
+        audiences: Iterable[str] = (TOKEN_EXCHANGE_AUDIENCE,),
+        name: str | None = None,
+    ) -> dict[str, Any]:
+        """Add a federated identity credential to the app (``az ad app federated-credential create``):
+        a token from ``issuer`` whose ``sub`` is ``subject`` and whose ``aud`` is one of ``audiences``
+        then authenticates it as a client assertion, in every tenant it is consented in."""
+        app = self.require_app(client_id)
+        if len(app.federated) >= MAX_FEDERATED_CREDENTIALS:
+            raise StateError(f"an app holds at most {MAX_FEDERATED_CREDENTIALS} federated credentials")
+        wanted = tuple(audiences)
+        if not issuer or not subject or len(wanted) != 1:
+            raise StateError("a federated credential needs an issuer, a subject and exactly one audience")
+        if any(f.issuer == issuer and f.subject == subject for f in app.federated):
+            raise StateError("the app already has a federated credential for this issuer and subject")
+        credential = FederatedCredential(name or f"fic-{len(app.federated) + 1}", issuer, subject, wanted)
+        app.federated.append(credential)
+        return credential.describe()
+
+    @operation
+    def remove_federated_credentials(self, client_id: str) -> None:
+        """Remove every federated identity credential of the app."""
+        self.require_app(client_id).federated.clear()
+
+    @operation
+    def set_federated_errors(self, detailed: bool) -> None:
+        """Answer a federated credential that matches no record with the part that differs
+        (AADSTS700211 issuer, 700213 subject, 700212 audience: ``detailed``) or with the older
+        combined AADSTS70021."""
+        self.federated_errors_detailed = detailed
+
+    @operation
+    def add_managed_identity(self, client_id: str, object_id: str | None = None) -> dict[str, Any]:
+        """Create a user-assigned managed identity in the vault tenant (a service principal the vault
+        admits like any app of its tenant); return ``{"client_id", "object_id", "tenant_id",
+        "identity_header"}``. Its tokens come from ``GET /msi/token`` (App Service's protocol)."""
+        guid = normalize_guid(client_id)
+        oid = normalize_guid(object_id) if object_id else str(uuid.uuid5(uuid.NAMESPACE_URL, f"mi:{guid}"))
+        self.apps[guid] = App(guid, VAULT_TENANT_ID)
+        identity = ManagedIdentity(guid, oid, VAULT_TENANT_ID)
+        self.managed_identities[guid] = identity
+        return {
+            "client_id": guid,
+            "object_id": oid,
+            "tenant_id": VAULT_TENANT_ID,
+            "identity_header": self.identity_header,
+        }
+
+    def find_managed_identity(self, client_id: str | None, object_id: str | None) -> ManagedIdentity | None:
+        """The user-assigned identity a managed-identity request names by client or object id."""
+        for identity in self.managed_identities.values():
+            if client_id is not None and identity.client_id == client_id.strip().lower():
+                return identity
+            if object_id is not None and identity.object_id == object_id.strip().lower():
+                return identity
+        return None
+
+    @operation
+    def add_oidc_issuer(self, issuer: str) -> dict[str, Any]:
+        """Create an OIDC issuer outside Entra (a Kubernetes cluster's service-account issuer) with its
+        own signing key; return its JWKS. Entra would fetch the JWKS from the issuer's discovery
+        document: the emulator keeps it instead."""
+        if not issuer:
+            raise StateError("issuer must not be empty")
+        signer = self.oidc_issuers.setdefault(issuer, SigningKey())
+        return signer.jwks()
+
+    @operation
+    def issue_oidc_token(
+        self,
+        issuer: str,
+        subject: str,
+        audience: str = TOKEN_EXCHANGE_AUDIENCE,
+        lifetime_seconds: int = 3600,
+        issued_seconds_ago: int = 0,
+    ) -> str:
+        """A token of an issuer made with :meth:`add_oidc_issuer`, shaped like a Kubernetes projected
+        service-account token (what kubelet writes into the pod)."""
+        signer = self.oidc_issuers.get(issuer)
+        if signer is None:
+            raise StateError(f"unknown OIDC issuer {issuer!r}: add_oidc_issuer first")
+        if lifetime_seconds <= 0:
+            raise StateError("lifetime_seconds must be positive")
+        now = int(time.time()) - issued_seconds_ago
+        claims = {
+            "iss": issuer,
+            "sub": subject,
+            "aud": [audience],
+            "iat": now,
+            "nbf": now,
+            "exp": now + lifetime_seconds,
+            "jti": str(uuid.uuid4()),
+        }
+        return signer.sign(claims)
 
     @operation
     def rotate_app_secret(self, client_id: str, vault_secret: str | None = None) -> str:
@@ -436,6 +650,35 @@ class EmulatorState:
         """Allow exactly these apps on the vault; None restores "any app of the vault tenant"."""
         self.vault_access = None if client_ids is None else {normalize_guid(c) for c in client_ids}
 
+    @operation
+    def create_certificate(
+        self, name: str, *, subject: str = "CN=token-broker-assertions", exportable: bool = False
+    ) -> dict[str, Any]:
+        """Create a new version of Key Vault certificate ``name`` with a fresh RSA-2048 key (self-signed,
+        as ``az keyvault certificate create`` with the default policy); return ``{"version",
+        "certificate_pem", "x5t_s256"}``: the public part, for ``add_app_certificate``.
+
+        ``exportable=False`` (the point of it): the private key exists only inside the vault. As in
+        Key Vault, the certificate's secret of the same name then holds the certificate alone, and the
+        key answers with its public half only; ``exportable=True`` puts the private key in the secret
+        too (what the broker's ``{certificate: NAME}`` source reads).
+        """
+        if not _SECRET_NAME.match(name):
+            raise StateError(f"invalid certificate name {name!r}")
+        key_pem, cert_pem = make_certificate(subject.removeprefix("CN="), days=365)
+        # make_certificate makes RSA keys.
+        private_key = cast("rsa.RSAPrivateKey", serialization.load_pem_private_key(key_pem.encode(), None))
+        entry = self.vault_certificates.setdefault(name.lower(), VaultCertificate(name, subject))
+        now = int(time.time())
+        version = uuid.uuid4().hex
+        entry.keys.append(KeyVersion(version, private_key, now))
+        entry.versions.append(CertificateVersion(version, cert_pem, now, exportable))
+        self.set_secret(
+            name, key_pem + cert_pem if exportable else cert_pem, content_type="application/x-pem-file"
+        )
+        _, sha256 = cert_thumbprints(cert_pem)
+        return {"version": version, "certificate_pem": cert_pem, "x5t_s256": sha256.hex().upper()}
+
     def vault_allows(self, client_id: str) -> bool:
         """Whether a token for ``client_id`` may read secrets (the vault's access policy)."""
         if self.vault_access is not None:
@@ -457,8 +700,8 @@ class EmulatorState:
     ) -> dict[str, Any]:
         """Inject a fault; return its description.
 
-        ``endpoint``: "discovery", "token", "jwks", "vault" or "any". ``kind``: "429" (service-
-        shaped JSON + Retry-After, default 1 s), "429_text" (plain text + Retry-After), "500",
+        ``endpoint``: "discovery", "token", "jwks", "vault", "sign", "identity" or "any". ``kind``:
+        "429" (service-shaped JSON + Retry-After, default 1 s), "429_text" (plain text + Retry-After), "500",
         "503", "latency" (sleep ``latency_seconds``, then answer normally) or "drop" (close the
         connection without a response). ``tenant`` (GUID or domain) scopes it; it fires ``count``
         times (-1: until :meth:`clear_faults`).
@@ -519,9 +762,9 @@ class EmulatorState:
 
     @operation
     def counters(self) -> dict[str, int]:
-        """Requests per endpoint class ("discovery", "token", "jwks", "vault"), "issued_tokens"
-        and "faults_fired", zeros included."""
-        every = dict.fromkeys((*sorted(ENDPOINTS), "issued_tokens", "faults_fired"), 0)
+        """Requests per endpoint class ("discovery", "token", "jwks", "vault", "sign", "identity"),
+        "issued_tokens", "signatures" (Key Vault signatures made) and "faults_fired", zeros included."""
+        every = dict.fromkeys((*sorted(ENDPOINTS), "issued_tokens", "signatures", "faults_fired"), 0)
         return {**every, **self.counts}
 
     @operation

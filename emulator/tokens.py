@@ -5,6 +5,9 @@ carry ``x5t``/``x5c`` like Entra's). :func:`verify_client_assertion` validates a
 ``private_key_jwt`` client assertion the way Entra does: the key is chosen by the assertion's
 thumbprint header among the app's *registered* certificates only (an ``x5c`` header proves
 nothing), the signature is verified for real, then ``iss``/``sub``/``aud``/``exp``.
+:func:`verify_federated_assertion` validates a token from another issuer presented as the client
+assertion of an app with federated identity credentials: a record matching its issuer, subject and
+audience, then its signature against that issuer's keys, then its lifetime.
 :func:`make_certificate` creates an app certificate for tests.
 """
 
@@ -15,7 +18,7 @@ import binascii
 import datetime as dt
 import hashlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,10 +29,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 if TYPE_CHECKING:
-    from .state import AppCertificate
+    from .state import AppCertificate, FederatedCredential
 
 # Entra's clock-skew tolerance is minutes; MSAL itself allows 5 minutes on its side.
 _LEEWAY_SECONDS = 300
+# Entra refuses an external token that lives longer than a day (AADSTS70023).
+_FEDERATED_MAX_LIFETIME_SECONDS = 24 * 3600
 
 
 def b64url(data: bytes) -> str:
@@ -206,3 +211,93 @@ def _find_certificate(
         f"'{shown}', Please visit the Azure Portal, Graph Explorer or directly use MS Graph to "
         f"see configured keys for app Id '{client_id}'.]",
     )
+
+
+def verify_federated_assertion(
+    assertion: str,
+    *,
+    home_tenant: str,
+    credentials: Iterable[FederatedCredential],
+    signer_for: Callable[[str], SigningKey | None],
+    entra_tenant_of: Callable[[str], str | None],
+    detailed: bool,
+) -> FederatedCredential:
+    """Validate a federated client assertion; return the federated credential it matched.
+
+    The checks run in Entra's order and fail with its codes: an Entra-issued token of another tenant
+    than the app's (AADSTS700236); no record with the token's issuer (700211), subject (700213) or
+    audience (700212) — or, with ``detailed`` False, the older combined 70021 for any of them; the
+    issuer's keys unknown (50166); a bad signature (700027); outside its validity (700024) or living
+    longer than a day (70023). ``signer_for(issuer)`` is the issuer's key; ``entra_tenant_of(issuer)``
+    names the tenant when the issuer is this emulator's own Entra issuer.
+    """
+    try:
+        header = jwt.get_unverified_header(assertion)
+        claims: dict[str, Any] = jwt.decode(assertion, options={"verify_signature": False})
+    except jwt.InvalidTokenError as exc:
+        raise AssertionRejected(700027, "Client assertion is not a valid JWT.") from exc
+    issuer, subject = str(claims.get("iss", "")), str(claims.get("sub", ""))
+    audience = claims.get("aud", [])
+    audiences = {str(a) for a in (audience if isinstance(audience, list) else [audience])}
+    issuer_tenant = entra_tenant_of(issuer)
+    if issuer_tenant is not None and issuer_tenant != home_tenant:
+        raise AssertionRejected(
+            700236,
+            f"Entra ID tokens issued by issuer '{issuer}' may not be used for federated identity "
+            "credential flows for applications or managed identities registered in this tenant.",
+        )
+    presented = (
+        f"Assertion Issuer: '{issuer}'. Assertion Subject: '{subject}'. "
+        f"Assertion Audience: '{', '.join(sorted(audiences))}'."
+    )
+    every = list(credentials)
+    by_issuer = [c for c in every if c.issuer == issuer]
+    by_subject = [c for c in by_issuer if c.subject == subject]
+    matched = [c for c in by_subject if audiences & set(c.audiences)]
+    if not matched:
+        if not detailed:
+            raise AssertionRejected(
+                70021, f"No matching federated identity record found for presented assertion. {presented}"
+            )
+        part, code, value = (
+            ("issuer", 700211, issuer)
+            if not by_issuer
+            else ("subject", 700213, subject)
+            if not by_subject
+            else ("audience", 700212, ", ".join(sorted(audiences)))
+        )
+        raise AssertionRejected(
+            code,
+            f"No matching federated identity record found for presented assertion {part} '{value}'. "
+            "Please check your federated identity credential Subject, Audience and Issuer against the "
+            "presented assertion. https://learn.microsoft.com/entra/workload-id/workload-identity-federation",
+        )
+    signer = signer_for(issuer)
+    if signer is None:
+        raise AssertionRejected(50166, f"Request to External OIDC endpoint failed for issuer '{issuer}'.")
+    if header.get("kid") != signer.kid or header.get("alg") != "RS256":
+        raise AssertionRejected(700027, "Client assertion failed signature validation (unknown key).")
+    try:
+        jwt.decode(
+            assertion,
+            signer.public_key,
+            algorithms=["RS256"],
+            options={"verify_aud": False, "verify_exp": False, "verify_nbf": False, "verify_iat": False},
+        )
+    except jwt.InvalidTokenError as exc:
+        raise AssertionRejected(700027, "Client assertion failed signature validation.") from exc
+    now = time.time()
+    exp, nbf = claims.get("exp"), claims.get("nbf", claims.get("iat", now))
+    if not isinstance(exp, int | float) or not isinstance(nbf, int | float):
+        raise AssertionRejected(700024, "Client assertion is not within its valid time range.")
+    if exp + _LEEWAY_SECONDS < now or nbf - _LEEWAY_SECONDS > now:
+        raise AssertionRejected(
+            700024,
+            f"Client assertion is not within its valid time range. Current time: {int(now)}, "
+            f"assertion valid from {int(nbf)}, expiry time of assertion {int(exp)}.",
+        )
+    if exp - nbf > _FEDERATED_MAX_LIFETIME_SECONDS:
+        raise AssertionRejected(
+            70023, "The presented assertion lives longer than allowed for a federated credential (1 day)."
+        )
+    return matched[0]

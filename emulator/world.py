@@ -228,3 +228,14 @@ def broker_environment(emulator: Emulator) -> dict[str, str]:
         "AZURE_CLIENT_SECRET": identity.client_secret,
         "AZURE_AUTHORITY_HOST": emulator.base_url,
     }
+
+
+def managed_identity_environment(emulator: Emulator, identity: Mapping[str, Any]) -> dict[str, str]:
+    """The variables that make azure-identity's ``ManagedIdentityCredential`` (and so the broker's
+    ``azure_credential: managed_identity``) the user-assigned ``identity`` (a result of
+    ``Emulator.add_managed_identity``), through the emulator's App Service endpoint: no secret."""
+    return {
+        "IDENTITY_ENDPOINT": emulator.identity_endpoint,
+        "IDENTITY_HEADER": str(identity["identity_header"]),
+        "AZURE_CLIENT_ID": str(identity["client_id"]),
+    }

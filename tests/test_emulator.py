@@ -673,7 +673,10 @@ def test_counters_and_reset(emulator: Emulator, customer: Customer, http: reques
         "token": 1,
         "jwks": 1,
         "vault": 0,
+        "sign": 0,
+        "identity": 0,
         "issued_tokens": 1,
+        "signatures": 0,
         "faults_fired": 1,
     }
     assert expected == before

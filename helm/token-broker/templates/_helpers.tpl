@@ -128,8 +128,20 @@ metrics taken from containerPorts (listen.tls from tls) and outbound_ca_file fro
 {{- with $cfg.cache_encryption_key }}{{ $sources = append $sources . }}{{ end -}}
 {{- range $name, $app := $cfg.apps }}{{ $sources = append $sources $app.credential }}{{ end -}}
 {{- range $sources -}}
-{{- if and (or (hasKey . "secret") (hasKey . "certificate")) (not $cfg.key_vault_url) -}}
-{{- fail "config.key_vault_url is required: a credential source refers to Key Vault ({secret: ...} / {certificate: ...})" -}}
+{{- if and (or (hasKey . "secret") (hasKey . "certificate") (hasKey . "key_vault_key")) (not $cfg.key_vault_url) -}}
+{{- fail "config.key_vault_url is required: a credential source refers to Key Vault ({secret: ...} / {certificate: ...} / {key_vault_key: ...})" -}}
+{{- end -}}
+{{- end -}}
+{{- with $cfg.cache_encryption_key -}}
+{{- if or (hasKey . "federated") (hasKey . "key_vault_key") -}}
+{{- fail "config.cache_encryption_key: only an app credential can be federated or Key Vault-signed" -}}
+{{- end -}}
+{{- end -}}
+{{- $projected := printf "%s/" (trimSuffix "/" $.Values.federatedToken.mountPath) -}}
+{{- range $name, $app := $cfg.apps -}}
+{{- $federated := and (kindIs "map" $app.credential) $app.credential.federated -}}
+{{- if and (kindIs "map" $federated) (hasPrefix $projected (toString $federated.token_file)) (not $.Values.federatedToken.enabled) -}}
+{{- fail (printf "config.apps.%s.credential reads a token from %s: set federatedToken.enabled" $name $.Values.federatedToken.mountPath) -}}
 {{- end -}}
 {{- end -}}
 {{- if or (not $cfg.apps) (not $cfg.callers) -}}
