@@ -2,7 +2,8 @@
 
 What it emulates: the parts of Entra ID a confidential client uses for the client-credentials grant
 (per-tenant OIDC discovery and JWKS, the v2 and v1 token endpoints issuing RS256 JWTs with ``tid``,
-``aud``, ``roles``, ``exp``, client secrets and certificate assertions, admin consent per tenant and
+``aud``, ``roles``, ``exp``, client secrets and certificate assertions, admin consent per tenant (also
+through the v2 admin-consent page, with a configurable propagation delay) and
 Entra-shaped ``AADSTS`` errors) and the Key Vault secrets API behind its bearer challenge (versions,
 enabled flags, an access policy). The real ``msal.ConfidentialClientApplication``,
 ``azure.identity.aio.ClientSecretCredential`` and ``azure.keyvault.secrets.aio.SecretClient`` talk to
@@ -22,6 +23,7 @@ Run it with ``python -m emulator`` (see ``__main__``). Modules:
 * ``state``   — in-memory directory, vault, faults, request log (no I/O), and the control
   operations, each written once as an ``@operation`` method;
 * ``entra``   — OIDC discovery, JWKS and v2/v1 token endpoints (Entra-shaped errors);
+* ``consent`` — the v2 admin-consent page (Accept / Cancel, redirect to the app's redirect URI);
 * ``vault``   — Key Vault secret reads behind the bearer challenge;
 * ``control`` — the control API, ``POST /_emulator/{operation}``, derived from ``state``;
 * ``app``     — the aiohttp app, request logging and fault injection middleware;
