@@ -545,7 +545,7 @@ class Onboarding:
         if query.get("tenant", "").lower() != invite.tenant:
             # Consent given in another directory, or a forged tenant: never recorded against this one.
             return self._callback_outcome(
-                started, signer, Page.INVALID, "the response names another organization", invite
+                started, signer, Page.INVALID, "the consent was given in another organization", invite
             )
         proof = await self._prove(invite)
         await self._recorder.record(proof)
@@ -683,8 +683,10 @@ class Onboarding:
 
 
 # Pages that offer the invitation link again (while it is valid): start over after an expired or
-# spent state, a refusal, or a proof that could not be made yet.
-_RESTARTABLE: Final = frozenset({Page.EXPIRED, Page.USED, Page.DECLINED, Page.PROPAGATING, Page.FAILED})
+# spent state, a refusal, a proof that could not be made yet, or to grant the missing roles.
+_RESTARTABLE: Final = frozenset(
+    {Page.EXPIRED, Page.USED, Page.DECLINED, Page.PROPAGATING, Page.FAILED, Page.MISSING_ROLES}
+)
 _PAGE_OF_PROOF: Final[dict[str, tuple[Page, str]]] = {
     "ready": (Page.CONNECTED, "consent verified with a token"),
     "missing_roles": (Page.MISSING_ROLES, "consent verified, but required roles are missing"),

@@ -76,6 +76,12 @@ _FAILURE_TEXT: Final = {
     "upstream_error": "the partner's app configuration needs attention",
 }
 
+_RESTART_LABEL: Final = {
+    Page.PROPAGATING: "Open the invitation again",
+    Page.USED: "Open the invitation again",
+    Page.MISSING_ROLES: "Give consent again",
+}
+
 _SECURITY_HEADERS: Final = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
@@ -203,9 +209,7 @@ def render(templates: Templates, outcome: Outcome) -> web.Response:
         "details": _details(outcome),
         "restart": _restart(outcome),
         "error_text": _error_text(outcome),
-        "reason_text": f" ({html.escape(_invalid_text(outcome.reason))})"
-        if outcome.page is Page.INVALID
-        else "",
+        "reason_text": html.escape(_invalid_text(outcome.reason)) if outcome.page is Page.INVALID else "",
         **_expiry_texts(outcome),
     }
     body = templates.pages[outcome.page.template].substitute(fields)
@@ -263,7 +267,7 @@ def _details(outcome: Outcome) -> str:
 def _restart(outcome: Outcome) -> str:
     if outcome.restart_url is None:
         return ""
-    label = "Open the invitation again" if outcome.page is Page.PROPAGATING else "Start again"
+    label = _RESTART_LABEL.get(outcome.page, "Start again")
     return f'<p><a class="button" href="{html.escape(outcome.restart_url)}">{label}</a></p>'
 
 
@@ -280,10 +284,10 @@ def _error_text(outcome: Outcome) -> str:
 def _invalid_text(reason: str) -> str:
     """The log's precise reason, in the administrator's words."""
     if reason.startswith("invite:"):
-        return "the invitation link is incomplete or was altered"
+        return "The invitation link is incomplete or was altered"
     if reason.startswith("state:"):
-        return "the response from Microsoft is incomplete or was altered"
-    return reason
+        return "The response from Microsoft is incomplete or was altered"
+    return reason[:1].upper() + reason[1:]
 
 
 def _expiry_texts(outcome: Outcome) -> dict[str, str]:
