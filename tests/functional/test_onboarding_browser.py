@@ -127,7 +127,7 @@ def wait_for_broker_page(driver: Any, onboard: Onboard) -> None:
     def arrived(current: Any) -> bool:
         if not current.current_url.startswith(onboard.callback_url):
             return False
-        return "complete" == current.execute_script("return document.readyState")
+        return bool("complete" == current.execute_script("return document.readyState"))
 
     WebDriverWait(driver, 120, poll_frequency=0.2).until(arrived)
 
