@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import importlib.resources
+import json
 import os
 import time
 import urllib.parse
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import requests
 import yaml
@@ -157,6 +160,9 @@ def test_only_admin_callers_get_invites(start_onboarding: StartOnboarding) -> No
     expires = time.mktime(time.strptime(body["expires_at"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
     assert abs(time.time() + 7 * 86400 - expires) < 60
     assert {"tenant": TENANT_UNCONSENTED, "app": "defender", "resource": DEFENDER}.items() <= body.items()
+    document = json.loads(importlib.resources.files("broker").joinpath("openapi.json").read_bytes())
+    schema = document["paths"]["/v1/tenants/{tenant}/invite"]["post"]["responses"]["201"]["content"]
+    jsonschema.validate(body, schema["application/json"]["schema"])
     assert "no-store" == response.headers["Cache-Control"]
     refused = onboard.invite(key=onboard.world.soar_key)
     assert (403, "access_denied") == (refused.status_code, refused.json()["error"])
