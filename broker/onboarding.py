@@ -548,7 +548,6 @@ class Onboarding:
                 started, signer, Page.INVALID, "the consent was given in another organization", invite
             )
         proof = await self._prove(invite)
-        await self._recorder.record(proof)
         page, reason = _PAGE_OF_PROOF.get(proof.state, (Page.FAILED, "the consent could not be verified"))
         return self._callback_outcome(
             started,
@@ -563,11 +562,12 @@ class Onboarding:
         )
 
     async def _prove(self, invite: Invite) -> ConsentProof:
-        """One proof per (app, tenant, resource) at a time: a second callback joins the running one."""
+        """One proof per (app, tenant, resource) at a time: a second callback joins the running one.
+        The proof is recorded by its task, once, even if every browser waiting for it gives up."""
         key = TokenKey(invite.app, invite.tenant, invite.resource)
         running = self._proofs.get(key)
         if running is None:
-            running = asyncio.create_task(self._prove_patiently(key))
+            running = asyncio.create_task(self._prove_and_record(key))
             self._proofs[key] = running
 
             def forget(task: asyncio.Task[ConsentProof]) -> None:
@@ -577,6 +577,11 @@ class Onboarding:
             running.add_done_callback(forget)
         # shield: a browser that gives up must not cancel the proof another callback waits on.
         return await asyncio.shield(running)
+
+    async def _prove_and_record(self, key: TokenKey) -> ConsentProof:
+        proof = await self._prove_patiently(key)
+        await self._recorder.record(proof)
+        return proof
 
     async def _prove_patiently(self, key: TokenKey) -> ConsentProof:
         """A fresh token, asked again with backoff while Entra still says "not consented": a new
