@@ -20,7 +20,7 @@ from typing import cast
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from broker import http
+from broker import http, pages
 from broker.cache import TokenCache, connect_redis
 from broker.callers import CallerRegistry
 from broker.config import Settings
@@ -31,6 +31,7 @@ from broker.logs import AuditLog
 from broker.metrics import Metrics
 from broker.oauth_compat import add_compat_routes
 from broker.oidc import JwksFetcher
+from broker.onboarding import ConsentRecorder, GuidTenantResolver, MemoryConsentRecorder, Onboarding
 from broker.service import TokenBroker
 from broker.tls import ReloadingServerContext, build_ca_bundle
 from broker.vault import CredentialStore
@@ -82,10 +83,15 @@ class Supervisor:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
-    """The API application; every client it needs is built in its cleanup context."""
+def create_app(
+    settings: Settings, metrics: Metrics | None = None, *, consent_recorder: ConsentRecorder | None = None
+) -> web.Application:
+    """The API application; every client it needs is built in its cleanup context. Onboarding's
+    proofs go to ``consent_recorder`` (the tenant registry; by default kept in memory and logged)."""
     app = http.create_api(settings.max_body_bytes)
     add_compat_routes(app)
+    if settings.public_base_url is not None:
+        pages.add_onboarding_routes(app, consent_recorder or MemoryConsentRecorder())
     app[http.SETTINGS] = settings
     app[http.METRICS] = metrics or Metrics()
     app[http.AUDIT] = AuditLog()
@@ -122,6 +128,17 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         entra = EntraClient(settings.entra_options(), metrics, credentials, ca_bundle)
         broker = TokenBroker(dict(settings.apps), settings.flight_options(), metrics, cache, entra)
         app[http.BROKER] = broker
+        if (onboarding := settings.onboarding_options()) is not None:
+            app[pages.ONBOARDING] = Onboarding(
+                onboarding,
+                credentials,
+                cache,
+                broker,
+                app[pages.CONSENT_RECORDER],
+                GuidTenantResolver(),
+                app[http.AUDIT],
+                lambda outcome: metrics.child(metrics.consent_callbacks, outcome).inc(),
+            )
         supervisor.start("credential_refresh", lambda: _refresh_credentials(credentials, settings))
         if redis is not None:
             supervisor.start("purge_listener", cache.listen_for_purges)

@@ -129,6 +129,11 @@ class _Names:
         return f"{_PREFIX}:throttle:{cls.slot(key.app, key.tenant)}"
 
     @staticmethod
+    def once(scope: str, name: str) -> str:
+        """A single-use marker (an onboarding ``state``'s id): set once, never read back."""
+        return f"{_PREFIX}:once:{scope}:{name}"
+
+    @staticmethod
     def tenant_patterns(tenant: str) -> list[str]:
         """SCAN patterns matching every entry of a tenant, whatever its kind, app or resource."""
         return [f"{_PREFIX}:{kind}:{{*|{tenant}}}*" for kind in ("tok", "lock", "neg", "throttle")]
@@ -175,6 +180,7 @@ class TokenCache:
         # key -> (monotonic end, body): only the body-sized fields, never an exception object.
         self._failures: OrderedDict[TokenKey, tuple[float, dict[str, Any]]] = OrderedDict()
         self._throttles: OrderedDict[tuple[str, str], float] = OrderedDict()  # (app, tenant) -> end
+        self._claimed: OrderedDict[str, float] = OrderedDict()  # single-use markers -> monotonic end
         self._redis_down_until = 0.0
         self._failing_since: float | None = None  # first timeout since the last success
         self.redis_last_error: str | None = None
@@ -472,6 +478,38 @@ class TokenCache:
             del self._throttles[app_tenant]
             return 0.0
         return remaining
+
+    # --- onboarding: forgetting failures, single-use markers ----------------------------------
+
+    async def forget_failures(self, key: TokenKey) -> None:
+        """Forget ``key``'s remembered permanent failure, here and for every replica (in Redis), so
+        the next acquisition asks Entra again: consent was just granted."""
+        self._failures.pop(key, None)
+        name = _Names.failure(key)
+        await self._guarded("forget", lambda redis: redis.delete(name), even_backing_off=True)
+
+    async def claim_once(self, scope: str, name: str, ttl_seconds: float) -> bool:
+        """True the first time ``(scope, name)`` is claimed within ``ttl_seconds``, on any replica.
+
+        Redis ``SET NX`` makes the claim cluster-wide. Decided failure mode: without Redis (or while
+        it fails) the claim is this process's, in a bounded memory, so onboarding keeps working; a
+        replay on another replica then costs one more proof-of-consent token request, never a grant
+        (the callback trusts only Entra's answer). Claims Redis confirmed are remembered here too.
+        """
+        now = time.monotonic()
+        while self._claimed and next(iter(self._claimed.values())) <= now:
+            self._claimed.popitem(last=False)
+        marker = _Names.once(scope, name)
+        if self._claimed.get(marker, now) > now:
+            return False
+        ttl_ms = max(1, int(ttl_seconds * 1000))
+        claimed = await self._guarded("claim", lambda redis: redis.set(marker, b"1", nx=True, px=ttl_ms))
+        if claimed is not DOWN and claimed is not SLOW and not claimed:
+            return False  # another replica (or an earlier request here) claimed it
+        self._claimed[marker] = now + ttl_seconds
+        while len(self._claimed) > self._options.local_max_entries:
+            self._claimed.popitem(last=False)
+        return True
 
 
 def _is_slow(exc: BaseException) -> bool:

@@ -41,6 +41,7 @@ class Caller:
     tenants: frozenset[str]  # lower-cased; "*" means every tenant
     apps: frozenset[str]
     max_acquisitions_per_minute: int = 120  # upstream (Entra) acquisitions; cache hits are free
+    admin: bool = False  # may use the tenant administration endpoints (/v1/tenants/...)
 
     def check(self, *, tenant: str, app: str) -> None:
         """Raise ``AccessDeniedError`` unless this caller may ask for ``tenant`` through ``app``."""
@@ -247,4 +248,5 @@ def _caller(name: str, settings: CallerSettings) -> Caller:
         tenants=frozenset(settings.tenants),
         apps=frozenset(settings.apps),
         max_acquisitions_per_minute=settings.max_acquisitions_per_minute,
+        admin=settings.admin,
     )

@@ -1,4 +1,5 @@
-"""``token-broker`` commands: serve, check-config, healthcheck, hash-key, consent-url, probe, cache purge.
+"""``token-broker`` commands: serve, check-config, healthcheck, hash-key, consent-url, probe, cache purge,
+tenants invite.
 
 Errors go to stderr with a non-zero exit: 2 for a bad configuration or usage, 1 for a failed
 operation (``healthcheck`` exits 0 or 1 only: Docker reserves 2). ``probe`` never prints the token
@@ -216,6 +217,59 @@ def cmd_cache_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- tenants invite (the `tenants` group's other commands live beside it, each self-contained) ---------
+
+
+async def _invite(settings: Settings, tenant: str, app: str | None, resource: str | None) -> dict[str, str]:
+    from broker.metrics import Metrics
+    from broker.onboarding import (
+        GuidTenantResolver,
+        LinkSigner,
+        invite_target,
+        new_invite_link,
+        parse_signing_key,
+    )
+    from broker.tls import build_ca_bundle
+    from broker.vault import CredentialStore
+
+    options = settings.onboarding_options()
+    if options is None:
+        raise ConfigError("public_base_url is not configured: onboarding is off")
+    guid = await GuidTenantResolver().resolve(tenant)
+    app_name, chosen = invite_target(options, app, resource)
+    async with CredentialStore(
+        settings, Metrics(), build_ca_bundle(settings.outbound_ca_file)
+    ) as credentials:
+        key_text = await credentials.consent_signing_key_text()
+    if key_text is None:  # not reached: parse_settings requires the key with public_base_url
+        raise ConfigError("consent_signing_key is not configured")
+    signer = LinkSigner(parse_signing_key(key_text))
+    return new_invite_link(options, signer, guid, app_name, chosen).as_json()
+
+
+def cmd_tenants_invite(args: argparse.Namespace) -> int:
+    """Print a signed onboarding link for the tenant's Global Administrator (as the invite endpoint
+    does), signed here with the configured ``consent_signing_key``."""
+    settings = _settings(args)
+    try:
+        link = _run(_invite(settings, args.tenant, args.app, args.resource))
+    except BrokerError as exc:
+        print(f"token-broker: {exc.description}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(link, indent=2))
+    return 0
+
+
+def add_tenants_invite(tenants_sub: Any, with_config: Any) -> None:
+    invite = with_config(
+        tenants_sub.add_parser("invite", help="a signed admin-consent invite link for a tenant")
+    )
+    invite.add_argument("tenant", help="customer tenant GUID")
+    invite.add_argument("--app", help="configured app name (required with several apps)")
+    invite.add_argument("--resource", help="API to consent for (default: the app's first resource)")
+    invite.set_defaults(func=cmd_tenants_invite)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="token-broker",
@@ -270,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     purge = with_config(cache_sub.add_parser("purge", help="forget a tenant's cached tokens"))
     purge.add_argument("--tenant", required=True, help="customer tenant GUID or domain")
     purge.set_defaults(func=cmd_cache_purge)
+
+    tenants = sub.add_parser("tenants", help="customer tenants: onboarding invites")
+    tenants_sub = tenants.add_subparsers(dest="tenants_command", required=True)
+    add_tenants_invite(tenants_sub, with_config)
     return parser
 
 

@@ -96,7 +96,21 @@ def _check_resource(value: str) -> str:
     return resource
 
 
+def _check_public_url(value: str) -> str:
+    """https, or plain http only on a loopback host (a laptop, a test): customers' browsers send
+    consent responses here, which must never travel in the clear."""
+    parts = urllib.parse.urlsplit(value)
+    if parts.query or parts.fragment or not parts.hostname or "@" in parts.netloc:
+        raise ValueError("must be a base URL such as https://broker.example.com (no query, fragment or user)")
+    if parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1"):
+        return value.rstrip("/")
+    if parts.scheme != "https":
+        raise ValueError("must be an https:// URL (http only for 127.0.0.1, localhost or [::1])")
+    return _check_https_url(value)
+
+
 Guid = Annotated[str, AfterValidator(_check_guid)]
+PublicUrl = Annotated[str, AfterValidator(_check_public_url)]
 HttpsUrl = Annotated[str, AfterValidator(_check_https_url)]
 Resource = Annotated[str, AfterValidator(_check_resource)]
 
@@ -219,6 +233,9 @@ class AppSettings(_Frozen):
     client_id: Guid
     credential: CredentialSource
     resources: list[Resource] = Field(min_length=1)
+    # What the product needs in every tenant, per resource: a token lacking one of these roles means
+    # the customer granted less than asked (or removed a role since): onboarding names them.
+    required_roles: dict[Resource, list[str]] = {}
 
 
 SERVICE_ACCOUNT_RE = re.compile(
@@ -250,6 +267,8 @@ class CallerSettings(_Frozen):
     service_account: str | None = None  # system:serviceaccount:NAMESPACE:NAME
     tenants: list[str] = Field(min_length=1)
     apps: list[str] = Field(min_length=1)
+    # May use the tenant administration endpoints (/v1/tenants/..., e.g. onboarding invites).
+    admin: bool = False
     # Entra acquisitions this caller may cause per minute (a token bucket; cache hits never count):
     # one runaway or compromised caller cannot spend the shared app's Entra budget.
     max_acquisitions_per_minute: int = Field(default=120, ge=1, le=100_000)
@@ -306,6 +325,14 @@ class Settings(_Frozen):
     apps: dict[str, AppSettings] = Field(min_length=1)
     callers: dict[str, CallerSettings] = Field(min_length=1)
     service_account_auth: ServiceAccountAuthSettings | None = None
+    # Onboarding (admin consent): where customers' browsers reach the broker's /consent/ pages, the
+    # HMAC key signing invites and consent `state`, and how long an invite stays valid.
+    public_base_url: PublicUrl | None = None
+    consent_signing_key: CredentialSource | None = None
+    invite_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=300, le=90 * 24 * 3600)
+    # How long a consent callback keeps re-trying the proof token while Entra propagates the new
+    # service principal (AADSTS700016/7000229 right after consent), before it says "not yet".
+    consent_propagation_seconds: float = Field(default=60.0, ge=0, le=300)
 
     # Tuning; the defaults suit a few thousand tenants per replica.
     msal_max_workers: int = Field(default=8, ge=1, le=64)
@@ -385,6 +412,18 @@ class Settings(_Frozen):
             timeout_seconds=self.upstream_timeout_seconds,
         )
 
+    def onboarding_options(self) -> OnboardingOptions | None:
+        """``onboarding``'s options, or ``None`` when onboarding is not configured."""
+        if self.public_base_url is None:
+            return None
+        return OnboardingOptions(
+            public_base_url=self.public_base_url,
+            authority_host=self.authority_host,
+            apps=dict(self.apps),
+            invite_ttl_seconds=self.invite_ttl_seconds,
+            propagation_seconds=self.consent_propagation_seconds,
+        )
+
     def app_for(self, name: str | None) -> tuple[str, AppSettings] | None:
         """The named app, or the only app when no name is given and exactly one is configured."""
         if name is None:
@@ -435,6 +474,17 @@ class EntraOptions:
     max_workers: int
     clients_max: int
     timeout_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class OnboardingOptions:
+    """``onboarding``: where the consent pages live, the apps invites may name, and the time limits."""
+
+    public_base_url: str
+    authority_host: str
+    apps: dict[str, AppSettings]
+    invite_ttl_seconds: int
+    propagation_seconds: float
 
 
 # --- validation beyond single fields ---------------------------------------------------------------------
@@ -563,6 +613,7 @@ def _credential_sources(data: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[
     for name, app in _mapping(data.get("apps")).items():
         yield f"apps.{name}.credential", _mapping(_mapping(app).get("credential"))
     yield "cache_encryption_key", _mapping(data.get("cache_encryption_key"))
+    yield "consent_signing_key", _mapping(data.get("consent_signing_key"))
 
 
 def _cross_field_problems(data: Mapping[str, Any]) -> list[Problem]:
@@ -580,6 +631,23 @@ def _cross_field_problems(data: Mapping[str, Any]) -> list[Problem]:
         )
     if data.get("redis_url") and data.get("cache_encryption_key") is None:
         problems.append(("cache_encryption_key", "required when redis_url is set"))
+    if data.get("public_base_url") and data.get("consent_signing_key") is None:
+        problems.append(("consent_signing_key", "required when public_base_url is set (onboarding)"))
+    if data.get("consent_signing_key") is not None and not data.get("public_base_url"):
+        problems.append(("public_base_url", "required when consent_signing_key is set (onboarding)"))
+    for name, app in apps.items():
+        app_map = _mapping(app)
+        resources = app_map.get("resources")
+        allowed = (
+            {normalise_resource(r) for r in resources if isinstance(r, str)}
+            if isinstance(resources, list)
+            else set()
+        )
+        problems.extend(
+            (f"apps.{name}.required_roles", f"{resource!r} is not one of the app's resources")
+            for resource in _mapping(app_map.get("required_roles"))
+            if isinstance(resource, str) and allowed and normalise_resource(resource) not in allowed
+        )
     if not data.get("key_vault_url"):
         problems.extend(
             ("key_vault_url", f"required by {where} ({kind})")

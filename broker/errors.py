@@ -22,6 +22,8 @@
     ├── SealError                        not an HTTP error: a cached value does not open (wrong key, tampered)
     ├── JwksError                        not an HTTP error: service-account signing keys cannot be fetched
     ├── SharedCacheError                 not an HTTP error: Redis cannot be reached (CLI maintenance)
+    ├── ConsentLinkError                 not an HTTP error: an onboarding invite or state that does not
+    │                                    verify (rendered as an HTML page, never as JSON)
     └── ConfigError                      not an HTTP error: a bad configuration (exit code 2)
 
 Adapters translate SDK exceptions into these at their boundary. The rule for the chain: ``from exc``
@@ -213,6 +215,16 @@ class JwksError(Exception):
 
 class SharedCacheError(Exception):
     """Redis could not be reached for a maintenance command (requests fail open instead)."""
+
+
+class ConsentLinkError(Exception):
+    """An onboarding invite or consent ``state`` that is malformed, forged, expired or for another
+    purpose. ``expired`` is True only for a genuine (signed) link whose time is up."""
+
+    def __init__(self, description: str, *, expired: bool = False) -> None:
+        super().__init__(description)
+        self.description = description
+        self.expired = expired
 
 
 class ConfigError(Exception):

@@ -84,12 +84,12 @@ class AuditLog:
         self._fd = fd
         self._clock = _Clock()
 
-    def write(self, fields: dict[str, Any]) -> None:
+    def write(self, fields: dict[str, Any], message: str = "token request") -> None:
         entry: dict[str, Any] = {
             "time": self._clock.iso(time.time()),
             "level": "INFO",
             "logger": "broker.audit",
-            "message": "token request",
+            "message": message,
         }
         request_id = request_id_var.get()
         if request_id is not None:

@@ -141,6 +141,13 @@ class Metrics:
             ["task"],
             registry=r,
         )
+        self.consent_callbacks = Counter(
+            "broker_consent_callbacks",
+            "Admin-consent callbacks by outcome (connected, missing_roles, declined, invalid, expired, "
+            "used, propagating, failed).",
+            ["outcome"],
+            registry=r,
+        )
         self.build_info = Info("broker_build", "token-broker build information.", registry=r)
         self.build_info.info({"version": __version__})
         self._children: dict[tuple[object, tuple[str, ...]], object] = {}

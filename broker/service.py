@@ -172,6 +172,20 @@ class TokenBroker:
             )
         return Issued(token, key.app, layer)
 
+    async def acquire_fresh(self, key: TokenKey, party: str, per_minute: int | None) -> AccessToken:
+        """Forget ``key``'s remembered failure (on every replica) and acquire a token from Entra now,
+        whatever is cached: the proof that consent was just granted, with the roles granted *now*.
+
+        One Entra request (plus transient retries), charged to ``party``'s budget and taking a fair
+        scheduler slot only while it runs; the token is then cached like any other. A permanent
+        refusal is remembered again as usual. Policy is the caller's business (``resolve``).
+        """
+        await self._cache.forget_failures(key)
+        acquirer = _Party(party, per_minute)
+        self._charge(acquirer)
+        found = await self._cache.lookup(key)  # only for a throttle Entra asked every replica to honour
+        return await self._acquire(key, acquirer, found.throttled_seconds)
+
     def app_name(self, requested: str | None) -> str | None:
         """The app a request is for, when that is known (for the audit line of a refused request)."""
         if requested is None:

@@ -224,6 +224,8 @@ class CredentialStore:
         sources = [app.credential for app in self._settings.apps.values()]
         if self._settings.cache_encryption_key is not None:
             sources.append(self._settings.cache_encryption_key)
+        if self._settings.consent_signing_key is not None:
+            sources.append(self._settings.consent_signing_key)
         return sources
 
     async def load_all(self, *, force: bool = False) -> None:
@@ -256,6 +258,11 @@ class CredentialStore:
 
     async def cache_key_text(self) -> str | None:
         source = self._settings.cache_encryption_key
+        return None if source is None else (await self._get(source)).value
+
+    async def consent_signing_key_text(self) -> str | None:
+        """The onboarding HMAC key's text (``None`` when onboarding is not configured)."""
+        source = self._settings.consent_signing_key
         return None if source is None else (await self._get(source)).value
 
     def mark_rejected(self, app: str, aadsts: str) -> None:

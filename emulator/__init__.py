@@ -3,7 +3,8 @@
 What it emulates: the parts of Entra ID a confidential client uses for the client-credentials grant
 (per-tenant OIDC discovery and JWKS, the v2 and v1 token endpoints issuing RS256 JWTs with ``tid``,
 ``aud``, ``roles``, ``exp``, client secrets, certificate assertions and federated identity
-credentials, admin consent per tenant and Entra-shaped ``AADSTS`` errors), the managed-identity
+credentials, admin consent per tenant (also through the v2 admin-consent page, with a configurable
+propagation delay) and Entra-shaped ``AADSTS`` errors), the managed-identity
 endpoint of App Service for user-assigned identities, and the Key Vault secrets, certificates and
 keys APIs behind its bearer challenge (versions, enabled flags, an access policy, non-exportable keys
 that sign but never leave). The real ``msal.ConfidentialClientApplication``,
@@ -24,6 +25,7 @@ Run it with ``python -m emulator`` (see ``__main__``). Modules:
 * ``state``   — in-memory directory, vault, faults, request log (no I/O), and the control
   operations, each written once as an ``@operation`` method;
 * ``entra``   — OIDC discovery, JWKS and v2/v1 token endpoints (Entra-shaped errors);
+* ``consent`` — the v2 admin-consent page (Accept / Cancel, redirect to the app's redirect URI);
 * ``vault``   — Key Vault secret, certificate and key reads and ``keys/sign``, behind the bearer challenge;
 * ``identity`` — the managed-identity endpoint (App Service's protocol);
 * ``control`` — the control API, ``POST /_emulator/{operation}``, derived from ``state``;

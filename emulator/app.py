@@ -1,7 +1,7 @@
 """The aiohttp application of the emulator: routes, request log and fault injection.
 
-One server, one port, four faces: Entra ID (``entra``), Key Vault (``vault``, the vault URL is
-the server's base URL), the managed-identity endpoint (``identity``) and the test control API under
+One server, one port, four faces: Entra ID (``entra``; its admin-consent page in ``consent``), Key
+Vault (``vault``, the vault URL is the server's base URL), the managed-identity endpoint (``identity``) and the test control API under
 ``/_emulator/`` (``control``). Route names
 carry the endpoint class (``"token:v2"`` → ``token``), which a middleware uses to log every
 emulated-service request and to fire injected faults before the real handler runs.
@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from . import control, entra, identity, vault
+from . import consent, control, entra, identity, vault
 from .context import REQUEST_INFO, STATE, RequestInfo
 from .entra import client_credentials, requested_resource
 from .state import ENDPOINTS, EmulatorState, Fault, RequestRecord
@@ -123,6 +123,7 @@ def build_app(state: EmulatorState | None = None) -> web.Application:
     app = web.Application(middlewares=[control.loopback_only_middleware, emulated_service_middleware])
     app[STATE] = state or EmulatorState()
     entra.add_routes(app.router)
+    consent.add_routes(app.router)
     vault.add_routes(app.router)
     identity.add_routes(app.router)
     control.add_routes(app.router)

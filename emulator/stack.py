@@ -110,13 +110,19 @@ class BrokerProcess:
     """``token-broker serve --config FILE`` as a child process, with its log captured."""
 
     def __init__(
-        self, workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None, name: str = "broker"
+        self,
+        workdir: Path,
+        config: dict[str, Any],
+        env: dict[str, str] | None = None,
+        name: str = "broker",
+        port: int | None = None,
     ) -> None:
         self.workdir = workdir
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
         self.log_path = workdir / f"{name}.log"
-        self.port = free_port()
+        # Chosen by the caller when the configuration must name it (public_base_url).
+        self.port = port or free_port()
         self.metrics_port = free_port()
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None

@@ -159,6 +159,10 @@ class App:
     secrets: list[AppSecret] = field(default_factory=list)
     certificates: list[AppCertificate] = field(default_factory=list)
     federated: list[FederatedCredential] = field(default_factory=list)
+    #: Web redirect URIs admin consent may return to (exact match, as Entra compares them).
+    redirect_uris: list[str] = field(default_factory=list)
+    #: The app roles the registration requests per resource: what admin consent grants.
+    permissions: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,8 @@ class Consent:
     """A service principal of an app in a foreign tenant: consent plus app roles per resource."""
 
     roles: dict[str, list[str]] = field(default_factory=dict)
+    #: Epoch seconds from which the token endpoint sees this service principal (propagation).
+    visible_at: float = 0.0
 
 
 @dataclass
@@ -344,6 +350,7 @@ class EmulatorState:
         self.pending_faults: list[Fault] = []
         self.token_lifetime = DEFAULT_TOKEN_LIFETIME
         self.token_lifetime_jitter = 0
+        self.consent_delay_seconds = 0.0
         self.log: list[RequestRecord] = []
         self.counts: Counter[str] = Counter()
         self._next_fault_id = 1
@@ -367,6 +374,7 @@ class EmulatorState:
         self.pending_faults.clear()
         self.token_lifetime = DEFAULT_TOKEN_LIFETIME
         self.token_lifetime_jitter = 0
+        self.consent_delay_seconds = 0.0
         self.reset_counters()
         self.add_tenant(VAULT_TENANT_ID, VAULT_TENANT_DOMAINS)
         self.add_app(BROKER_CLIENT_ID, home_tenant=VAULT_TENANT_ID, secret=BROKER_CLIENT_SECRET)
@@ -586,14 +594,50 @@ class EmulatorState:
         tid = self.require_tenant(tenant).tenant_id
         self.unprovisioned.add((tid, _required_resource(resource)))
 
+    @operation
+    def add_redirect_uri(self, client_id: str, uri: str) -> None:
+        """Register a Web redirect URI on the app (admin consent only returns to registered ones)."""
+        if not uri.startswith(("https://", "http://localhost", "http://127.0.0.1")):
+            raise StateError("a redirect URI must be https (or http on localhost / 127.0.0.1)")
+        app = self.require_app(client_id)
+        if uri not in app.redirect_uris:
+            app.redirect_uris.append(uri)
+
+    @operation
+    def set_app_permissions(self, client_id: str, resource: str, roles: Iterable[str]) -> None:
+        """Set the app roles the registration requests on ``resource`` (granted by admin consent)."""
+        self.require_app(client_id).permissions[_required_resource(resource)] = list(roles)
+
+    @operation
+    def set_consent_delay(self, seconds: float) -> None:
+        """A service principal created by admin consent from now on stays invisible to the token
+        endpoint (AADSTS700016) for ``seconds``, as a real one takes a while to propagate."""
+        if seconds < 0:
+            raise StateError("seconds must not be negative")
+        self.consent_delay_seconds = seconds
+
+    def admin_consent(self, tenant_id: str, app: App) -> None:
+        """What the admin-consent page's Accept does: a service principal with every app role the
+        registration requests, visible after the consent delay (an existing one stays visible)."""
+        consent = self.consents.get((tenant_id, app.client_id))
+        if consent is None:
+            consent = Consent(visible_at=time.time() + self.consent_delay_seconds)
+            self.consents[(tenant_id, app.client_id)] = consent
+        for resource, roles in app.permissions.items():
+            consent.roles[resource] = list(roles)
+
     def is_consented(self, tenant_id: str, app: App) -> bool:
-        """An app has a service principal in its home tenant and wherever it was granted."""
-        return app.home_tenant == tenant_id or (tenant_id, app.client_id) in self.consents
+        """An app has a service principal in its home tenant and wherever it was granted (once the
+        grant has propagated)."""
+        if app.home_tenant == tenant_id:
+            return True
+        consent = self.consents.get((tenant_id, app.client_id))
+        return consent is not None and consent.visible_at <= time.time()
 
     def roles_for(self, tenant_id: str, app: App, resource: str) -> list[str]:
         """App roles ``tenant_id`` granted ``app`` on ``resource`` (empty when none)."""
         consent = self.consents.get((tenant_id, app.client_id))
-        if consent is None:
+        if consent is None or consent.visible_at > time.time():
             return []
         return list(consent.roles.get(normalize_resource(resource), []))
 

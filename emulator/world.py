@@ -112,6 +112,9 @@ class World:
         for tenant in self.tenants:
             directory.add_tenant(tenant.tenant_id, tenant.domains)
         directory.add_app(self.app.client_id, home_tenant=self.app.home_tenant)
+        for resource, roles in self.app.roles.items():
+            # What the registration requests: admin consent on the emulator's consent page grants it.
+            directory.set_app_permissions(self.app.client_id, resource, roles)
         app_secret = directory.rotate_app_secret(self.app.client_id, vault_secret=self.app.secret_name)
         for tenant in self.tenants:
             if tenant.consented:

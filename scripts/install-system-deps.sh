@@ -2,7 +2,8 @@
 # System packages, from Debian, by group:
 #   test   redis-server (the tests start their own on a free port), promtool (from the prometheus
 #          package: checks and unit-tests the alert rules), and node + npm (the drop-in tests run the
-#          unmodified Node.js Azure SDK clients, installed from tests/node/package-lock.json).
+#          unmodified Node.js Azure SDK clients, installed from tests/node/package-lock.json), and
+#          chromium + chromium-driver (the onboarding pages are tested in a real headless browser).
 #          `make install` / `make test`.
 #   bench  wrk (the benchmarks' load generator; without it they fall back to a slower asyncio client).
 #          `make bench`.
@@ -15,7 +16,7 @@ set -euo pipefail
 # command:package pairs per group
 packages_of() {
     case "$1" in
-        test) echo "redis-server:redis-server promtool:prometheus node:nodejs npm:npm" ;;
+        test) echo "redis-server:redis-server promtool:prometheus node:nodejs npm:npm chromium:chromium chromedriver:chromium-driver" ;;
         bench) echo "wrk:wrk" ;;
         *) echo "unknown group: $1 (test, bench)" >&2; exit 2 ;;
     esac

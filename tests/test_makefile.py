@@ -76,7 +76,8 @@ def test_bench_installs_the_load_generator(clean_checkout: Path) -> None:
 
 def test_system_deps_script_names_its_groups() -> None:
     """The script installs per group: `test` (redis-server, prometheus for promtool, nodejs and npm
-    for the Node.js SDK clients of the drop-in tests) and `bench` (wrk); `--list` prints a group's
+    for the Node.js SDK clients of the drop-in tests, chromium and chromium-driver for the onboarding
+    pages' browser tests) and `bench` (wrk); `--list` prints a group's
     Debian packages without installing anything."""
     listed = [
         subprocess.run(
@@ -88,4 +89,4 @@ def test_system_deps_script_names_its_groups() -> None:
         ).stdout.split()
         for group in ("test", "bench")
     ]
-    assert [["redis-server", "prometheus", "nodejs", "npm"], ["wrk"]] == listed
+    assert [["redis-server", "prometheus", "nodejs", "npm", "chromium", "chromium-driver"], ["wrk"]] == listed

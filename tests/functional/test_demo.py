@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_demo_runs_end_to_end() -> None:
-    """The demo gets a token, a cache hit on the other replica, a consent error, and exits 0."""
+    """The demo gets a token, a cache hit on the other replica, a consent error, onboards the
+    unconsented tenant through an invite and the emulated consent page (tokens for it afterwards),
+    and exits 0."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "demo.py"), "--once"],
         capture_output=True,
@@ -27,12 +29,14 @@ def test_demo_runs_end_to_end() -> None:
     assert "same token: True; Entra token requests so far: 1" in result.stdout
     assert "cache_layer=redis" in result.stdout
     assert '"error": "consent_required"' in result.stdout
+    assert "the page says: Your organization is connected" in result.stdout
+    assert "tenant_id=fa0fa0fa-0000-4000-8000-000000000002" in result.stdout
     assert "== stopping everything the demo started" in result.stdout
 
 
 def test_demo_keeps_the_stack_running_and_its_printed_commands_work() -> None:
     """Without --once the demo stays up after the walk-through and prints commands that work as
-    printed: the consented tenant's curl gets a token, the unconsented one's consent_required; Ctrl-C
+    printed: the consented tenant's curl gets a token, and so does the one onboarded on the way; Ctrl-C
     then stops everything and exits 0."""
     demo = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "demo.py")],
@@ -59,7 +63,7 @@ def test_demo_keeps_the_stack_running_and_its_printed_commands_work() -> None:
             for curl in curls
         ]
         assert '"access_token"' in answers[0]
-        assert '"consent_required"' in answers[1]
+        assert '"access_token"' in answers[1]  # fabrikam, onboarded during the walk-through
         demo.send_signal(signal.SIGINT)
         output, _ = demo.communicate(timeout=60)
     finally:
