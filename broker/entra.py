@@ -49,7 +49,11 @@ log = logging.getLogger(__name__)
 CONSENT_CODES = frozenset({700016, 7000229, 65001, 650056, 90094})
 UNKNOWN_TENANT_CODES = frozenset({90002})
 TENANT_PERMANENT_CODES = frozenset({500011, 53003})
-CREDENTIAL_CODES = frozenset({7000215, 7000222, 700027, 7000112})
+CREDENTIAL_CODES = frozenset({7000215, 7000222, 700027})
+# The customer disabled the app's service principal (enterprise application) in *their* tenant: a state
+# of that tenant which only its administrator can change. Reloading the app credential would not help
+# and, for a partner with many customers, would turn one customer's choice into Key Vault traffic.
+DISABLED_CODES = frozenset({7000112})
 TRANSIENT_CODES = frozenset({90055, 50196})
 DEFAULT_RETRY_AFTER_SECONDS = 5
 
@@ -94,6 +98,12 @@ def classify(failure: EntraFailure, *, tenant: str, consent_link: str) -> Broker
         )
     if code in UNKNOWN_TENANT_CODES:
         return UnknownTenantError(f"Entra ID does not know tenant {tenant}", aadsts=aadsts)
+    if code in DISABLED_CODES:
+        return TenantRefusedError(
+            f"the app is disabled in tenant {tenant}: its administrator must re-enable the enterprise "
+            "application",
+            aadsts=aadsts,
+        )
     if code in CREDENTIAL_CODES:
         return CredentialRejectedError(
             "Entra ID rejected the app credential; the operator must fix it", aadsts=aadsts
