@@ -210,6 +210,8 @@ class Emulator:
     rotate_app_secret = remote(EmulatorState.rotate_app_secret)
     grant = remote(EmulatorState.grant)
     revoke = remote(EmulatorState.revoke)
+    remove_role = remote(EmulatorState.remove_role)
+    set_service_principal_enabled = remote(EmulatorState.set_service_principal_enabled)
     set_unprovisioned = remote(EmulatorState.set_unprovisioned)
     set_secret = remote(EmulatorState.set_secret)
     set_secret_enabled = remote(EmulatorState.set_secret_enabled)
