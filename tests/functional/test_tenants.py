@@ -4,6 +4,8 @@ the registry and its re-validation sweep, the admin API and CLI, offboarding."""
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
+import json
 import shutil
 import subprocess
 import time
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import requests
 import yaml
@@ -43,6 +46,24 @@ StartBroker = Callable[..., BrokerProcess]
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS_PATH = ROOT / "deploy" / "prometheus" / "token-broker-alerts.yaml"
 NOWHERE = "nowhere.example.com"
+DOCUMENT = json.loads(importlib.resources.files("broker").joinpath("openapi.json").read_bytes())
+
+
+def _json_schema(node: Any) -> Any:
+    """An OpenAPI 3.0 schema as JSON Schema: ``nullable: true`` also admits null."""
+    if isinstance(node, list):
+        return [_json_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    converted = {key: _json_schema(value) for key, value in node.items() if key != "nullable"}
+    return {"anyOf": [converted, {"type": "null"}]} if node.get("nullable") else converted
+
+
+COMPONENTS = _json_schema(DOCUMENT["components"])
+
+
+def _conforms(body: Any, schema: str) -> None:
+    jsonschema.validate(body, {**COMPONENTS["schemas"][schema], "components": COMPONENTS})
 
 
 def _with_admin(world: World) -> str:
@@ -375,6 +396,24 @@ def test_the_admin_api_is_for_admin_callers_only_and_audited(world: World, start
     assert ("onboarding", "list", "ok") == tuple(
         broker.audit_lines()[-1][field] for field in ("caller", "action", "outcome")
     )
+
+
+def test_admin_answers_are_what_the_openapi_document_says(world: World, start_broker: StartBroker) -> None:
+    """Each admin endpoint's 200 body and an error body validate against the committed document."""
+    admin_key = _with_admin(world)
+    broker = start_broker(world.broker_config(), world.env)
+    assert 200 == ask(broker, world.soar_key, {"tenant": DOMAIN_C, "resource": DEFENDER}).status_code
+    for method, path, schema in [
+        ("GET", "/v1/tenants", "TenantPage"),
+        ("GET", f"/v1/tenants/{DOMAIN_C}", "TenantEntry"),
+        ("POST", f"/v1/tenants/{TENANT_C}/check", "TenantCheck"),
+        ("POST", f"/v1/tenants/{TENANT_B}/check", "TenantCheck"),
+        ("DELETE", f"/v1/tenants/{DOMAIN_C2}", "Offboarding"),
+        ("GET", f"/v1/tenants/{TENANT_C}", "Error"),
+    ]:
+        response = _admin(broker, admin_key, method, path)
+        assert (schema == "Error") == (response.status_code >= 400), response.text
+        _conforms(response.json(), schema)
 
 
 def test_a_thousand_registered_tenants_page_correctly(
