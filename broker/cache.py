@@ -680,6 +680,18 @@ class TokenCache:
             "sweep_release", lambda redis: redis.eval(_RELEASE, 1, name, holder), even_backing_off=True
         )
 
+    async def throttled_seconds(self, key: TokenKey) -> float:
+        """How long Entra asked ``key``'s (app, tenant) to hold off (a re-check honours it too), without
+        reading the token: a check is not a cache lookup and must not count as one."""
+        local = self._throttled_locally(key)
+        if self._redis_usable() is None:
+            return local
+        name = _Names.throttle(key)
+        remaining_ms = await self._guarded("throttled", lambda redis: redis.pttl(name))
+        if isinstance(remaining_ms, int) and remaining_ms > 0:
+            return max(local, min(remaining_ms / 1000, MAX_THROTTLE_SECONDS))
+        return local
+
     async def forget_failure(self, key: TokenKey) -> None:
         """Forget ``key``'s remembered permanent failure here and for every replica (a re-check)."""
         self._failures.pop(key, None)

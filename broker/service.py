@@ -449,8 +449,8 @@ class TokenBroker:
 
         For ``caller`` (an admin's check): under its budget and fair share, with the usual retries,
         waiting for a replica that holds the key's lease. Without a caller it is the sweep's: one
-        attempt, never while a caller waits for an MSAL worker, skipped (503) while another replica
-        is acquiring the key (that acquisition's outcome is recorded anyway).
+        attempt, started only while an MSAL worker is idle and no caller waits, skipped (503) while
+        another replica is acquiring the key (that acquisition's outcome is recorded anyway).
         """
         sweep = caller is None
         party = (
@@ -463,17 +463,16 @@ class TokenBroker:
         delay = POLL_FIRST_SECONDS
         holder = self._cache.new_holder()
         while True:
-            # Callers first: the sweep takes idle MSAL workers only (polled: the scheduler signals no
-            # "nobody waiting", and the sweep's pace is a second or so per check anyway).
-            while sweep and self._scheduler.queued:  # noqa: ASYNC110
+            # Callers first: the sweep starts only while an MSAL worker is free and nobody waits for one
+            # (a caller arriving in the few milliseconds before it takes the slot waits one turn at
+            # most). Polled: the scheduler has no event for it, and the sweep's pace is slow anyway.
+            while sweep and not self._scheduler.idle:  # noqa: ASYNC110
                 await asyncio.sleep(POLL_MAX_SECONDS)
-            found = await self._cache.lookup(key)
+            throttled = await self._cache.throttled_seconds(key)
             async with self._cache.lease(key, self._options.lease_seconds, holder) as lease:
                 if lease is not Lease.HELD:
                     self._charge(party)
-                    return await self._acquire(
-                        key, party, found.throttled_seconds, retry_seconds=0 if sweep else None
-                    )
+                    return await self._acquire(key, party, throttled, retry_seconds=0 if sweep else None)
             if sweep or time.monotonic() >= deadline:
                 raise TemporarilyUnavailableError("another replica is acquiring this token", retry_after=1)
             await asyncio.sleep(delay)

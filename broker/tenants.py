@@ -532,7 +532,10 @@ class TenantSweep:
         try:
             while True:
                 if await self._lead():
-                    await self._sweep_once()
+                    try:
+                        await self._sweep_once()
+                    except RetryLaterError as exc:  # the registry is unreadable now (Redis): next tick
+                        log.warning("tenant sweep skipped", extra={"reason": exc.description})
                 else:
                     self._metrics.tenants.clear()  # the sweeper publishes; a former one must not linger
                 await asyncio.sleep(self._tick())

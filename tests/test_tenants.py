@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import os
 import time
 from collections.abc import AsyncIterator
@@ -30,8 +31,9 @@ from broker.errors import (
     UnknownTenantError,
 )
 from broker.metrics import Metrics
-from broker.tenants import Observation, TenantRegistry, TenantResolver, merge_entry, observe
-from broker.tokens import AccessToken, TokenKey
+from broker.service import TokenBroker
+from broker.tenants import Observation, TenantRegistry, TenantResolver, TenantSweep, merge_entry, observe
+from broker.tokens import AccessToken, TokenKey, TokenRequest, fingerprint
 from emulator import Emulator
 
 XDR = "https://api.security.microsoft.com"
@@ -41,9 +43,10 @@ TENANT = "c0c0c0c0-0000-4000-8000-000000000001"
 OTHER = "fa0fa0fa-0000-4000-8000-000000000002"
 
 
-def _settings(**app: Any) -> Settings:
+def _settings(top: dict[str, Any] | None = None, **app: Any) -> Settings:
     return parse_settings(
         {
+            **(top or {}),
             "apps": {
                 "defender": {
                     "client_id": "11111111-2222-3333-4444-555555555555",
@@ -354,3 +357,86 @@ async def test_discovery_of_an_unreachable_entra_is_a_503() -> None:
             await discovery.tenant_id("contoso.com")
     finally:
         await discovery.close()
+
+
+# --- the sweep -----------------------------------------------------------------------------------
+
+
+class GatedSource:
+    """A ``TokenSource`` of our own: records when each key was asked for; ``gate`` holds callers."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[float, TokenKey]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def acquire(self, key: TokenKey) -> AccessToken:
+        self.asked.append((time.monotonic(), key))
+        await self.gate.wait()
+        token = f"token-{len(self.asked)}"
+        return AccessToken(
+            token, time.time() + 3600, key.tenant, key.resource, ROLES, fingerprint=fingerprint(token)
+        )
+
+    def consent_url(self, key: TokenKey) -> str:
+        return f"https://login.example/{key.tenant}/adminconsent"
+
+
+def _sweep_stack(**top: Any) -> tuple[TokenBroker, TenantRegistry, TenantSweep, GatedSource]:
+    settings = _settings(top)
+    metrics = Metrics()
+    cache = TokenCache(metrics, settings.cache_options(), redis=None, sealer=None)
+    registry = TenantRegistry(cache, metrics, settings.tenant_options())
+    source = GatedSource()
+    broker = TokenBroker(
+        dict(settings.apps), settings.flight_options(), metrics, cache, source, None, registry
+    )
+    sweep = TenantSweep(registry, cache, broker.check, metrics, settings.tenant_options())
+    return broker, registry, sweep, source
+
+
+async def test_the_sweep_rechecks_stale_entries_no_faster_than_its_rate() -> None:
+    """Six registered tenants, a 1-second interval and 4 checks a second: the sweep re-acquires each
+    once they are stale, never two checks closer than 1/rate, and publishes the state counts."""
+    broker, registry, sweep, source = _sweep_stack(tenant_check_interval_seconds=1, tenant_check_rate=4)
+    tenants = [f"{n:08x}-1111-4111-8111-111111111111" for n in range(1, 7)]
+    for tenant in tenants:
+        await registry.record(TokenKey("defender", tenant, XDR), _token())
+    running = asyncio.create_task(sweep.run())
+    await asyncio.sleep(3.2)
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    await broker.close()
+    times = [at for at, _ in source.asked]
+    assert set(tenants) == {key.tenant for _, key in source.asked}
+    assert min(b - a for a, b in itertools.pairwise(times)) >= 0.25
+    assert all(
+        entry["k:defender|" + XDR]["last_checked_at"] > 0
+        for entry in (await registry.entries(tenants)).values()
+    )
+
+
+async def test_a_sweep_check_never_goes_ahead_of_a_caller() -> None:
+    """One MSAL worker, held by a caller's acquisition: a sweep check asked for then waits, and a
+    caller arriving after it still reaches Entra first; the check runs once the worker is idle."""
+    broker, _, _, source = _sweep_stack(msal_max_workers=1)
+    caller = await _caller(broker)
+    source.gate.clear()
+    first = asyncio.create_task(broker.get_token(caller, TokenRequest(tenant=TENANT, resource=XDR)))
+    await asyncio.sleep(0.1)
+    sweep_key = TokenKey("defender", "0000000a-1111-4111-8111-111111111111", XDR)
+    checking = asyncio.create_task(broker.check(sweep_key))
+    await asyncio.sleep(0.3)
+    second = asyncio.create_task(broker.get_token(caller, TokenRequest(tenant=OTHER, resource=XDR)))
+    await asyncio.sleep(0.3)
+    assert [TENANT] == [key.tenant for _, key in source.asked]
+    source.gate.set()
+    await asyncio.gather(first, second, checking)
+    assert [TENANT, OTHER, sweep_key.tenant] == [key.tenant for _, key in source.asked]
+    await broker.close()
+
+
+async def _caller(broker: TokenBroker) -> Any:
+    from broker.callers import Caller
+
+    return Caller("soar", frozenset({"*"}), frozenset({"defender"}))
