@@ -104,11 +104,12 @@ async def _index_members(url: str) -> list[str]:
 
 
 def test_a_domain_a_second_domain_and_the_guid_share_one_token_across_replicas(
-    world: World, start_broker: StartBroker, redis_url: str
+    world: World, start_broker: StartBroker, redis_url: str, tmp_path: Path
 ) -> None:
     """Tenant C asked for by its two domains and its GUID, on two replicas: one Entra token request,
     one cache entry keyed by the GUID, the same token everywhere; the second replica resolves the
-    domain from Redis, not from Entra; audit lines carry the GUID and the spelling asked for."""
+    domain from Redis, not from Entra; audit lines carry the GUID and the spelling asked for; `cache
+    purge` by a domain purges the tenant."""
     config = world.broker_config(redis_url)
     first = start_broker(config, world.env, name="r1")
     second = start_broker(config, world.env, name="r2")
@@ -136,6 +137,14 @@ def test_a_domain_a_second_domain_and_the_guid_share_one_token_across_replicas(
     assert 1.0 == second.metric_samples()['broker_tenant_resolutions_total{outcome="ok",source="redis"}']
     audit = [(line["tenant"], line["tenant_requested"]) for b in (first, second) for line in b.audit_lines()]
     assert sorted((TENANT_C, tenant) for _, tenant in asked) == sorted(audit)
+    path = tmp_path / "purge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    purged = run_cli("cache", "purge", "--config", str(path), "--tenant", DOMAIN_C2, env=first.env)
+    assert 0 == purged.returncode, purged.stderr
+    assert f"removed 1 shared cache entry for {TENANT_C} / {DOMAIN_C2}" in purged.stdout
+    _wait_for(lambda: "purge broadcast received" in second.log_text(), 10, "the purge broadcast")
+    assert 200 == ask(second, world.soar_key, {"tenant": DOMAIN_C, "resource": DEFENDER}).status_code
+    assert 2 == world.emulator.token_requests(tenant=TENANT_C, client_id=APP_ID)
 
 
 def test_policy_by_domain_admits_the_guid_and_the_other_way_round(
