@@ -120,7 +120,9 @@ def build_world(
     config = broker_config(
         emulator,
         BENCH_WORLD,
-        {"bench": BENCH_WORLD.caller(key_hash)},
+        # Warming makes one acquisition per tenant through this one caller: lift its per-minute budget
+        # (default 120), which would otherwise answer most of the warm-up 429.
+        {"bench": {**BENCH_WORLD.caller(key_hash), "max_acquisitions_per_minute": 100_000}},
         redis_url=redis.url,
         log_level="INFO",  # as deployed: one broker.audit JSON line per request, to a file
     )
