@@ -15,6 +15,11 @@ INFO logging with one ``broker.audit`` JSON line per request written to a log fi
 3. **cold herd**: three more replicas sharing the Redis (started with L and S, idle until now);
    ``--herd-requests`` concurrent requests spread over ``--herd-tenants`` never-requested tenants;
    Entra token requests counted by the emulator and the wall time.
+4. **tenant spelling**: ``--spelling-tenants`` more tenants, each with a verified domain, asked for
+   on broker S one request at a time, half first by GUID and half first by domain (a domain costs
+   Entra's discovery document too), then by the other spelling (one Entra token request per tenant
+   in all); then, all cached, driven by domain and by GUID in interleaved rounds. Ratios: first
+   request by domain / by GUID (p50), cached requests/s and p50 by domain / by GUID.
 
 Prints a table with PASS/FAIL per target and writes a JSON summary (``--json``, default
 ``bench-results.json`` in the repository root). ``--smoke`` is a few-second run with tiny sizes, to
@@ -61,11 +66,17 @@ SMALL_SET = 10
 TARGET_RPS_RATIO = 0.8
 TARGET_P99_RATIO = 2.0
 TARGET_FLAT_RATIO = 1.1
+TARGET_SPELLING_RPS_RATIO = 0.9  # cached by domain is as fast as by GUID (within noise)
 
 
 def tenant_id(n: int, kind: int = 0) -> str:
-    """Deterministic tenant GUIDs: kind 0 = warmed set, kind 1 = cold-herd set."""
+    """Deterministic tenant GUIDs: kind 0 = warmed set, kind 1 = cold-herd set, kind 2 = spelling set."""
     return f"{n:08x}-{kind:04x}-4000-8000-{n:012x}"
+
+
+def tenant_domain(n: int) -> str:
+    """The verified domain of spelling-set tenant ``n``."""
+    return f"bench-{n}.example.com"
 
 
 def log(message: str) -> None:
@@ -84,32 +95,39 @@ class World:
     env: dict[str, str]
     warm_tenants: list[str]
     herd_tenants: list[str]
+    spelled_tenants: list[tuple[str, str]]  # (GUID, domain)
 
 
-def build_world(emulator: Emulator, redis: RedisServer, n_warm: int, n_herd: int, workers: int = 4) -> World:
+def build_world(
+    emulator: Emulator, redis: RedisServer, n_warm: int, n_herd: int, n_spelled: int = 0, workers: int = 4
+) -> World:
     BENCH_WORLD.seed(emulator)
     warm = [tenant_id(i) for i in range(1, n_warm + 1)]
     herd = [tenant_id(i, 1) for i in range(1, n_herd + 1)]
+    spelled = [(tenant_id(i, 2), tenant_domain(i)) for i in range(1, n_spelled + 1)]
+    domains = dict(spelled)
     local = threading.local()
 
     def add(tenant: str) -> None:
         handle = getattr(local, "emulator", None)
         if handle is None:
             handle = local.emulator = Emulator(emulator.base_url, emulator.ca_path)
-        BENCH_WORLD.add_customer(handle, tenant)
+        BENCH_WORLD.add_customer(handle, tenant, [domains[tenant]] if tenant in domains else [])
 
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(add, warm + herd))
+        list(pool.map(add, warm + herd + [guid for guid, _ in spelled]))
     key, key_hash = new_api_key()
     config = broker_config(
         emulator,
         BENCH_WORLD,
-        {"bench": BENCH_WORLD.caller(key_hash)},
+        # Warming makes one acquisition per tenant through this one caller: lift its per-minute budget
+        # (default 120), which would otherwise answer most of the warm-up 429.
+        {"bench": {**BENCH_WORLD.caller(key_hash), "max_acquisitions_per_minute": 100_000}},
         redis_url=redis.url,
         log_level="INFO",  # as deployed: one broker.audit JSON line per request, to a file
     )
     env = broker_environment(emulator)
-    return World(emulator, redis, key, config, env, warm, herd)
+    return World(emulator, redis, key, config, env, warm, herd, spelled)
 
 
 def start_brokers(workdir: Path, world: World, names: Sequence[str], **overrides: Any) -> list[BrokerProcess]:
@@ -334,6 +352,68 @@ def cold_herd(world: World, herd: Sequence[BrokerProcess], n_requests: int) -> d
             broker.stop()
 
 
+def _timed_ms(session: requests.Session, url: str, key: str, tenant: str) -> float:
+    started = time.perf_counter()
+    response = session.post(
+        f"{url}{URL_PATH}",
+        json={"tenant": tenant, "resource": DEFENDER_XDR},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+    took = (time.perf_counter() - started) * 1000
+    if response.status_code != 200:
+        raise RuntimeError(f"{tenant}: HTTP {response.status_code} {response.text[:200]}")
+    return took
+
+
+def tenant_spelling(
+    world: World, broker: BrokerProcess, args: argparse.Namespace, workdir: Path
+) -> dict[str, Any]:
+    """First requests by GUID and by domain (one at a time, alternating), the other spelling next, then
+    cached requests by domain and by GUID in interleaved rounds, all on ``broker``."""
+    assert broker.process is not None  # noqa: S101
+    pairs = world.spelled_tenants
+    guid_first, domain_first = pairs[0::2], pairs[1::2]
+    first: dict[str, list[float]] = {"guid": [], "domain": []}
+    second: dict[str, list[float]] = {"domain_after_guid": [], "guid_after_domain": []}
+    with requests.Session() as session:
+        _timed_ms(session, broker.url, world.caller_key, world.warm_tenants[0])  # connection up
+        for (guid, _), (_, domain) in zip(guid_first, domain_first, strict=False):
+            first["guid"].append(_timed_ms(session, broker.url, world.caller_key, guid))
+            first["domain"].append(_timed_ms(session, broker.url, world.caller_key, domain))
+        for _, domain in guid_first:
+            second["domain_after_guid"].append(_timed_ms(session, broker.url, world.caller_key, domain))
+        for guid, _ in domain_first:
+            second["guid_after_domain"].append(_timed_ms(session, broker.url, world.caller_key, guid))
+    app_id = BENCH_WORLD.app.client_id
+    guids = {guid for guid, _ in pairs}
+    upstream = [e for e in world.emulator.requests("token", client_id=app_id) if e["tenant_id"] in guids]
+    targets = [
+        Target("by-guid", broker.url, [guid for guid, _ in pairs], broker.process.pid),
+        Target("by-domain", broker.url, [domain for _, domain in pairs], broker.process.pid),
+    ]
+    if args.loadgen == "wrk":
+        for target in targets:
+            target.script = loadgen.write_wrk_script(
+                workdir / f"spelling-{target.name}.lua",
+                target.tenants,
+                world.caller_key,
+                DEFENDER_XDR,
+                URL_PATH,
+            )
+    misses_before = l1_counts(broker)[1]
+    run_rounds(targets, args, world.caller_key)
+    cached = {target.name: summarise(target.runs) for target in targets}
+    return {
+        "tenants": len(pairs),
+        "first_request_ms": {k: round(statistics.median(v), 2) for k, v in first.items() if v},
+        "other_spelling_ms": {k: round(statistics.median(v), 2) for k, v in second.items() if v},
+        "upstream_token_requests": len(upstream),
+        "cached": cached,
+        "l1_misses_during_load": int(l1_counts(broker)[1] - misses_before),
+    }
+
+
 def profile_broker(target: Target, args: argparse.Namespace, key: str, out_dir: Path) -> dict[str, Any]:
     """py-spy (if installed) samples broker L during one more (unreported) load run: top functions by
     own and inclusive samples, as a share of the samples where the broker's threads were busy. It pauses
@@ -414,6 +494,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--herd-tenants", type=int, default=100, help="cold-herd tenants (100)")
     parser.add_argument("--herd-replicas", type=int, default=3, help="cold-herd replicas (3)")
     parser.add_argument(
+        "--spelling-tenants",
+        type=int,
+        default=40,
+        help="tenants with a domain, first asked by GUID or domain (40)",
+    )
+    parser.add_argument(
         "--loadgen",
         choices=["auto", "wrk", "python"],
         default="auto",
@@ -434,11 +520,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.duration, args.rounds, args.warmup = 1.0, 1, 0.0
         args.tenants, args.herd_requests, args.herd_tenants = 20, 60, 6
+        args.spelling_tenants = 4
         args.connections = min(args.connections, 8)
     if args.loadgen == "auto":
         args.loadgen = "wrk" if loadgen.wrk_available() else "python"
     if args.tenants < SMALL_SET:
         parser.error(f"--tenants must be at least {SMALL_SET}")
+    if args.spelling_tenants < 2 or args.spelling_tenants % 2:
+        parser.error("--spelling-tenants must be even and at least 2 (half first by GUID, half by domain)")
     return args
 
 
@@ -470,9 +559,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         emulator = start_emulator(work / "emulator", timeout=30)
         stack.callback(emulator.stop)
         t0 = time.monotonic()
-        world = build_world(emulator, redis, args.tenants, args.herd_tenants)
+        world = build_world(emulator, redis, args.tenants, args.herd_tenants, args.spelling_tenants)
         timings: dict[str, float] = {"emulator_setup_s": round(time.monotonic() - t0, 2)}
-        log(f"emulator: {args.tenants} + {args.herd_tenants} tenants in {timings['emulator_setup_s']} s")
+        log(
+            f"emulator: {args.tenants} + {args.herd_tenants} + {args.spelling_tenants} tenants in "
+            f"{timings['emulator_setup_s']} s"
+        )
 
         # The herd replicas start now too (in parallel, to save time) and stay idle until the herd.
         big, small, *herd_brokers = start_brokers(
@@ -542,6 +634,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile: dict[str, Any] = {"skipped": "run with --profile"}
         if args.profile:
             profile = profile_broker(targets[0], args, world.caller_key, args.profile_dir)
+        t0 = time.monotonic()
+        spelling = tenant_spelling(world, small, args, work)
+        timings["spelling_s"] = round(time.monotonic() - t0, 2)
         baseline.stop()  # stop() is idempotent: the exit stack calls them again harmlessly
         big.stop()
         small.stop()
@@ -558,6 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             info,
             targets,
             herd,
+            spelling,
             profile,
             timings,
             body_bytes,
@@ -585,6 +681,7 @@ def report(
     info: dict[str, Any],
     targets: Sequence[Target],
     herd: dict[str, Any],
+    spelling: dict[str, Any],
     profile: dict[str, Any],
     timings: dict[str, float],
     body_bytes: int,
@@ -595,6 +692,16 @@ def report(
     rps_ratio = broker["rps"] / base["rps"] if base["rps"] else 0.0
     p99_ratio = broker["p99_ms"] / base["p99_ms"] if base["p99_ms"] else float("inf")
     flat_ratio = broker["p50_ms"] / small["p50_ms"] if small["p50_ms"] else float("inf")
+    by_guid, by_domain = spelling["cached"]["by-guid"], spelling["cached"]["by-domain"]
+    spelling_rps_ratio = by_domain["rps"] / by_guid["rps"] if by_guid["rps"] else 0.0
+    spelling_p50_ratio = by_domain["p50_ms"] / by_guid["p50_ms"] if by_guid["p50_ms"] else float("inf")
+    first_ms = spelling["first_request_ms"]
+    first_ratio = first_ms["domain"] / first_ms["guid"] if first_ms.get("guid") else float("inf")
+    spelling["ratios"] = {
+        "first_request_p50_domain_over_guid": round(first_ratio, 3),
+        "cached_rps_domain_over_guid": round(spelling_rps_ratio, 3),
+        "cached_p50_domain_over_guid": round(spelling_p50_ratio, 3),
+    }
     paired = [
         {
             "round": b["round"],
@@ -625,6 +732,16 @@ def report(
             "target": f"== {herd['tenants']}",
             "pass": herd["upstream_token_requests"] == herd["tenants"],
         },
+        "spelling_cached_rps_ratio": {
+            "value": round(spelling_rps_ratio, 3),
+            "target": f">= {TARGET_SPELLING_RPS_RATIO}",
+            "pass": spelling_rps_ratio >= TARGET_SPELLING_RPS_RATIO,
+        },
+        "spelling_upstream": {
+            "value": spelling["upstream_token_requests"],
+            "target": f"== {spelling['tenants']}",
+            "pass": spelling["upstream_token_requests"] == spelling["tenants"],
+        },
     }
     problems = []
     if broker["errors"] or base["errors"] or small["errors"]:
@@ -633,6 +750,8 @@ def report(
         problems.append("load runs were not all L1 cache hits")
     if herd["failed"]:
         problems.append(f"cold herd: {herd['failed']} requests failed ({herd['statuses']})")
+    if by_guid["errors"] or by_domain["errors"] or spelling["l1_misses_during_load"]:
+        problems.append("tenant spelling: errors or L1 misses during the cached runs")
     results = {
         "machine": info,
         "settings": {
@@ -652,6 +771,7 @@ def report(
         "cache_hit": {"broker": broker, "baseline": base, "paired_round_ratios": paired},
         "flat_lookup": {f"broker_{SMALL_SET}_tenants": small, f"broker_{args.tenants}_tenants": broker},
         "cold_herd": herd,
+        "tenant_spelling": spelling,
         "targets": target_results,
         "checks": checks,
         "timings": timings,
@@ -696,6 +816,19 @@ def report(
         f"flat lookup p50 {SMALL_SET} tenants={small['p50_ms']:.2f}ms, {args.tenants} tenants="
         f"{broker['p50_ms']:.2f}ms, ratio={flat_ratio:.2f} (target <={TARGET_FLAT_RATIO}) "
         f"{verdict('flat_lookup_ratio')}  (rps {small['rps']:.0f} vs {broker['rps']:.0f})"
+    )
+    other = spelling["other_spelling_ms"]
+    print(
+        f"spelling    {spelling['tenants']} tenants, first request p50: by GUID {first_ms['guid']:.2f}ms, "
+        f"by domain {first_ms['domain']:.2f}ms, ratio={first_ratio:.2f}; the other spelling next: domain "
+        f"{other['domain_after_guid']:.2f}ms, GUID {other['guid_after_domain']:.2f}ms; Entra token requests="
+        f"{spelling['upstream_token_requests']} (target {spelling['tenants']}) {verdict('spelling_upstream')}"
+    )
+    print(
+        f"            cached by domain/GUID: rps {by_domain['rps']:.0f}/{by_guid['rps']:.0f} "
+        f"ratio={spelling_rps_ratio:.2f} (target >={TARGET_SPELLING_RPS_RATIO}) "
+        f"{verdict('spelling_cached_rps_ratio')}, p50 {by_domain['p50_ms']:.2f}/{by_guid['p50_ms']:.2f}ms "
+        f"ratio={spelling_p50_ratio:.2f}"
     )
     print(
         f"checks      upstream during load={checks['upstream_token_requests_during_load']}, "

@@ -3,8 +3,9 @@
 ``create_app(settings)`` wires the HTTP surface (``http.py``) to the service and its adapters in the
 application's ``cleanup_ctx`` (nothing at import time); each component gets the small option object
 ``config.py`` derives for it, never the whole ``Settings``. Background work (credential rotation, the
-purge listener, attaching Redis once the cache key loads) runs under one ``Supervisor``: a task that
-dies is logged, counted (``broker_background_task_failures_total``) and restarted with backoff.
+purge and offboarding listeners, attaching Redis once the cache key loads, the tenant re-validation
+sweep) runs under one ``Supervisor``: a task that dies is logged, counted
+(``broker_background_task_failures_total``) and restarted with backoff.
 """
 
 from __future__ import annotations
@@ -20,19 +21,21 @@ from typing import cast
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from broker import http, pages
+from broker import admin, http, pages
 from broker.cache import TokenCache, connect_redis
 from broker.callers import CallerRegistry
 from broker.config import Settings
 from broker.crypto import Sealer, parse_key
+from broker.discovery import TenantDiscovery
 from broker.entra import EntraClient
 from broker.errors import UpstreamError
 from broker.logs import AuditLog
 from broker.metrics import Metrics
 from broker.oauth_compat import add_compat_routes
 from broker.oidc import JwksFetcher
-from broker.onboarding import ConsentRecorder, GuidTenantResolver, MemoryConsentRecorder, Onboarding
+from broker.onboarding import ConsentRecorder, MemoryConsentRecorder, Onboarding
 from broker.service import TokenBroker
+from broker.tenants import TenantRegistry, TenantResolver, Tenants, TenantSweep
 from broker.tls import ReloadingServerContext, build_ca_bundle
 from broker.vault import CredentialStore
 
@@ -83,6 +86,16 @@ class Supervisor:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+class _CanonicalTenants:
+    """Onboarding's tenant resolver over the registry's: an invite may name a verified domain."""
+
+    def __init__(self, resolver: TenantResolver) -> None:
+        self._resolver = resolver
+
+    async def resolve(self, tenant: str) -> str:
+        return await self._resolver.canonical(tenant)
+
+
 def create_app(
     settings: Settings, metrics: Metrics | None = None, *, consent_recorder: ConsentRecorder | None = None
 ) -> web.Application:
@@ -126,7 +139,13 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
             supervisor.start("cache_key", lambda: _attach_sealer(credentials, cache), until_done=True)
         app[http.CACHE] = cache
         entra = EntraClient(settings.entra_options(), metrics, credentials, ca_bundle)
-        broker = TokenBroker(dict(settings.apps), settings.flight_options(), metrics, cache, entra)
+        tenant_options = settings.tenant_options()
+        discovery = TenantDiscovery(settings.authority_host, ca_bundle, settings.upstream_timeout_seconds)
+        resolver = TenantResolver(discovery, cache, metrics, tenant_options)
+        registry = TenantRegistry(cache, metrics, tenant_options)
+        broker = TokenBroker(
+            dict(settings.apps), settings.flight_options(), metrics, cache, entra, resolver, registry
+        )
         app[http.BROKER] = broker
         if (onboarding := settings.onboarding_options()) is not None:
             app[pages.ONBOARDING] = Onboarding(
@@ -135,19 +154,31 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
                 cache,
                 broker,
                 app[pages.CONSENT_RECORDER],
-                GuidTenantResolver(),
+                _CanonicalTenants(resolver),
                 app[http.AUDIT],
                 lambda outcome: metrics.child(metrics.consent_callbacks, outcome).inc(),
             )
+        tenants = Tenants(resolver, registry, cache, broker, metrics, tenant_options)
+        app[admin.ADMIN] = admin.TenantAdmin(
+            app[http.CALLERS],
+            frozenset(name for name, caller in settings.callers.items() if caller.admin),
+            frozenset(settings.apps),
+            tenants,
+            app[http.AUDIT],
+        )
+        sweep = TenantSweep(registry, cache, broker.check, metrics, tenant_options)
         supervisor.start("credential_refresh", lambda: _refresh_credentials(credentials, settings))
+        supervisor.start("tenant_sweep", sweep.run)
         if redis is not None:
             supervisor.start("purge_listener", cache.listen_for_purges)
+            supervisor.start("offboard_listener", lambda: cache.listen_for_offboarding(tenants.forget))
         try:
             yield
         finally:
             await supervisor.close()
             if jwks is not None:
                 await jwks.close()
+            await discovery.close()
             await broker.close()
             entra.close()
             await cache.close()

@@ -14,6 +14,12 @@ never an outage.
 
 Key names share one hash tag per (app, tenant) so a key's token, lease, failure and throttle land in
 one Redis Cluster slot: ``tb:v1:{kind}:{app|tenant}[:resource]``.
+
+For ``tenants.py`` (at the end of each class): a verified domain's tenant GUID
+(``tb:v1:dom:{domain}``, sealed, and the reverse set ``tb:v1:doms:{tenant}``), the tenant registry
+(one hash per tenant, ``tb:v1:reg:{tenant}``, one sealed JSON value per field, updated under WATCH so
+replicas writing at once never lose each other's writes, plus the sorted index ``tb:v1:reg-index``),
+the re-validation sweep's lease, and offboarding with its broadcast.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -33,9 +39,10 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from broker.config import DOMAIN_RE, GUID_RE
 from broker.errors import BrokerError, SealError, SharedCacheError, error_from_body, remembered_body
 from broker.tokens import AccessToken, TokenKey
 
@@ -48,6 +55,7 @@ log = logging.getLogger(__name__)
 
 _PREFIX = "tb:v1"
 PURGE_CHANNEL = f"{_PREFIX}:purge"
+OFFBOARD_CHANNEL = f"{_PREFIX}:offboard"
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
@@ -105,6 +113,29 @@ class Lookup:
     throttled_seconds: float = 0.0  # Entra asked this (app, tenant) to hold off this long
 
 
+@dataclass(frozen=True, slots=True)
+class DomainRecord:
+    """What some replica learnt about a verified domain: its tenant, or ``None`` (Entra does not know it)."""
+
+    tenant: str | None
+
+
+# Tenant registry: a replica retries its read-change-write this often when other replicas keep
+# writing the same entry between its read and its write; an entry has at most this many fields.
+REGISTRY_WRITE_ATTEMPTS = 8
+MAX_REGISTRY_FIELDS = 256
+MAX_BROADCAST_BYTES = 16 * 1024
+# What offboarding reports, by the kind in the key name.
+_REMOVED_AS = {
+    "tok": "tokens",
+    "lock": "leases",
+    "neg": "remembered_failures",
+    "throttle": "throttles",
+    "dom": "domain_mappings",
+    "reg": "registry_entry",
+}
+
+
 class _Names:
     """Every Redis key name the broker uses."""
 
@@ -137,6 +168,33 @@ class _Names:
     def tenant_patterns(tenant: str) -> list[str]:
         """SCAN patterns matching every entry of a tenant, whatever its kind, app or resource."""
         return [f"{_PREFIX}:{kind}:{{*|{tenant}}}*" for kind in ("tok", "lock", "neg", "throttle")]
+
+    # --- tenants (tenants.py) ----------------------------------------------------------------------
+
+    @staticmethod
+    def domain(domain: str) -> str:
+        """A verified domain's tenant GUID (or that Entra does not know it)."""
+        return f"{_PREFIX}:dom:{{{domain}}}"
+
+    @staticmethod
+    def domains_of(tenant: str) -> str:
+        """The domains some replica resolved to ``tenant`` (to find their mappings when offboarding)."""
+        return f"{_PREFIX}:doms:{{{tenant}}}"
+
+    @staticmethod
+    def registry(tenant: str) -> str:
+        """The tenant's registry entry: a hash of sealed JSON values."""
+        return f"{_PREFIX}:reg:{{{tenant}}}"
+
+    @staticmethod
+    def registry_index() -> str:
+        """Every registered tenant GUID, in a sorted set (score 0: lexical order, for cursors)."""
+        return f"{_PREFIX}:reg-index"
+
+    @staticmethod
+    def sweep_lease() -> str:
+        """Held by the one replica running the re-validation sweep."""
+        return f"{_PREFIX}:sweep"
 
 
 def connect_redis(options: RedisOptions, *, read_timeout: bool = True) -> Redis:
@@ -479,14 +537,7 @@ class TokenCache:
             return 0.0
         return remaining
 
-    # --- onboarding: forgetting failures, single-use markers ----------------------------------
-
-    async def forget_failures(self, key: TokenKey) -> None:
-        """Forget ``key``'s remembered permanent failure, here and for every replica (in Redis), so
-        the next acquisition asks Entra again: consent was just granted."""
-        self._failures.pop(key, None)
-        name = _Names.failure(key)
-        await self._guarded("forget", lambda redis: redis.delete(name), even_backing_off=True)
+    # --- onboarding: single-use markers ----------------------------------
 
     async def claim_once(self, scope: str, name: str, ttl_seconds: float) -> bool:
         """True the first time ``(scope, name)`` is claimed within ``ttl_seconds``, on any replica.
@@ -510,6 +561,245 @@ class TokenCache:
         while len(self._claimed) > self._options.local_max_entries:
             self._claimed.popitem(last=False)
         return True
+
+    # --- tenants (tenants.py): domain mappings, the registry, the sweep's lease, offboarding ---------
+
+    async def read_domain(self, domain: str) -> DomainRecord | None:
+        """What any replica learnt about ``domain`` (its tenant, or that Entra does not know it);
+        ``None`` when nothing is remembered or Redis cannot say."""
+        if self._redis_usable() is None:
+            return None
+        name = _Names.domain(domain)
+        blob = await self._guarded("read_domain", lambda redis: redis.get(name))
+        if isinstance(blob, _Down) or blob is None:
+            return None
+        record = self._open(name, blob)
+        if record is None:
+            return None
+        tenant = record.get("tenant")
+        if tenant is None:
+            return DomainRecord(None)
+        return DomainRecord(tenant) if isinstance(tenant, str) and GUID_RE.fullmatch(tenant) else None
+
+    async def write_domain(self, domain: str, tenant: str | None, ttl_seconds: float) -> None:
+        """Remember for every replica, for ``ttl_seconds``, that ``domain`` names ``tenant`` (``None``:
+        Entra does not know it), and which domains name a tenant (for offboarding)."""
+        if self._sealer is None or ttl_seconds <= 0:
+            return
+        name, ttl_ms = _Names.domain(domain), int(ttl_seconds * 1000)
+        sealed = self._sealer.seal(json.dumps({"tenant": tenant}).encode(), name.encode())
+
+        async def write(redis: Redis) -> list[Any]:
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.set(name, sealed, px=ttl_ms)
+                if tenant is not None:
+                    pipe.sadd(_Names.domains_of(tenant), domain)
+                    pipe.pexpire(_Names.domains_of(tenant), ttl_ms)
+                return list(await pipe.execute())
+
+        await self._guarded("write_domain", write)
+
+    async def update_registry(
+        self,
+        tenant: str,
+        fields: Sequence[str],
+        change: Callable[[dict[str, dict[str, Any] | None]], dict[str, dict[str, Any]]],
+    ) -> dict[str, dict[str, Any] | None] | None:
+        """Read ``fields`` of ``tenant``'s registry entry, write what ``change`` makes of them, and
+        index the tenant; return what was read (``None``: Redis could not be used, nothing written).
+
+        Optimistic concurrency: the hash is WATCHed from the read to the write, and a write another
+        replica made in between makes this one start again from a fresh read, so concurrent outcomes
+        merge instead of overwriting each other. ``change`` must be a quick pure function.
+        """
+        if self._sealer is None or self._redis_usable() is None:
+            return None
+        sealer, name = self._sealer, _Names.registry(tenant)
+        wanted = list(fields)
+
+        async def transact(redis: Redis) -> dict[str, dict[str, Any] | None] | None:
+            async with redis.pipeline(transaction=True) as pipe:
+                for _ in range(REGISTRY_WRITE_ATTEMPTS):
+                    try:
+                        await pipe.watch(name)
+                        blobs = await pipe.hmget(name, wanted)
+                        before = {
+                            field: self._open(f"{name}#{field}", blob) if blob is not None else None
+                            for field, blob in zip(wanted, blobs, strict=True)
+                        }
+                        after = change(before)
+                        pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+                        if after:
+                            pipe.hset(
+                                name,
+                                mapping={
+                                    field: sealer.seal(json.dumps(value).encode(), f"{name}#{field}".encode())
+                                    for field, value in after.items()
+                                },
+                            )
+                        await pipe.execute()
+                    except WatchError:
+                        continue
+                    return before
+            log.warning("registry entry kept changing under this write; dropped", extra={"tenant": tenant})
+            return None
+
+        before = await self._guarded("registry_write", transact)
+        if isinstance(before, _Down) or before is None:
+            return None
+        # Outside the transaction: the index is another key (another Cluster slot); adding is idempotent.
+        await self._guarded("registry_index", lambda redis: redis.zadd(_Names.registry_index(), {tenant: 0}))
+        return before
+
+    async def registry_entries(self, tenants: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]] | None:
+        """The registry entries of ``tenants`` (field -> value), one round-trip; a tenant without an
+        entry is absent, a field that does not open is skipped; ``None`` when Redis cannot be used."""
+        if self._sealer is None or self._redis_usable() is None:
+            return None
+        names = [_Names.registry(tenant) for tenant in tenants]
+
+        async def read(redis: Redis) -> list[Any]:
+            async with redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hgetall(name)
+                return list(await pipe.execute(raise_on_error=False))
+
+        results = await self._guarded("registry_read", read)
+        if isinstance(results, _Down):
+            return None
+        entries: dict[str, dict[str, dict[str, Any]]] = {}
+        for tenant, name, fields in zip(tenants, names, results, strict=True):
+            if not isinstance(fields, dict):
+                if isinstance(fields, Exception):
+                    self._metrics.redis_errors.inc()  # a wrong-type key: that tenant's miss
+                continue
+            opened: dict[str, dict[str, Any]] = {}
+            for raw_field, blob in list(fields.items())[:MAX_REGISTRY_FIELDS]:
+                field = _text(raw_field)
+                record = self._open(f"{name}#{field}", blob)
+                if record is not None:
+                    opened[field] = record
+            if opened:
+                entries[tenant] = opened
+        return entries
+
+    async def registry_tenants(self, after: str, count: int) -> list[str] | None:
+        """Up to ``count`` members of the registry index after ``after`` in lexical order (from the
+        start when empty), as stored (the caller validates them); ``None`` when Redis cannot be used."""
+        if self._sealer is None or self._redis_usable() is None:
+            return None
+        low = f"({after}" if after else "-"
+        members = await self._guarded(
+            "registry_index",
+            lambda redis: redis.zrangebylex(_Names.registry_index(), low, "+", start=0, num=count),
+        )
+        if isinstance(members, _Down):
+            return None
+        return [_text(member)[:128] for member in members]
+
+    async def take_sweep_lease(self, holder: str, lease_seconds: float) -> bool:
+        """Take, or keep (re-entrant for ``holder``), the lease of the one replica that sweeps."""
+        name = _Names.sweep_lease()
+        taken = await self._guarded(
+            "sweep_lease", lambda redis: redis.eval(_TAKE, 1, name, holder, int(lease_seconds * 1000))
+        )
+        return not isinstance(taken, _Down) and bool(taken)
+
+    async def release_sweep_lease(self, holder: str) -> None:
+        name = _Names.sweep_lease()
+        await self._guarded(
+            "sweep_release", lambda redis: redis.eval(_RELEASE, 1, name, holder), even_backing_off=True
+        )
+
+    async def throttled_seconds(self, key: TokenKey) -> float:
+        """How long Entra asked ``key``'s (app, tenant) to hold off (a re-check honours it too), without
+        reading the token: a check is not a cache lookup and must not count as one."""
+        local = self._throttled_locally(key)
+        if self._redis_usable() is None:
+            return local
+        name = _Names.throttle(key)
+        remaining_ms = await self._guarded("throttled", lambda redis: redis.pttl(name))
+        if isinstance(remaining_ms, int) and remaining_ms > 0:
+            return max(local, min(remaining_ms / 1000, MAX_THROTTLE_SECONDS))
+        return local
+
+    async def forget_failure(self, key: TokenKey) -> None:
+        """Forget ``key``'s remembered permanent failure here and for every replica (a re-check)."""
+        self._failures.pop(key, None)
+        if self._sealer is not None:
+            name = _Names.failure(key)
+            await self._guarded("forget", lambda redis: redis.delete(name))
+
+    async def offboard(self, tenant: str, domains: Sequence[str]) -> tuple[dict[str, Any], int]:
+        """Delete every Redis entry of ``tenant`` (tokens, leases, remembered failures, throttles,
+        registry entry) and of the domains that name it (their mappings, and entries keyed by a
+        domain before tenants were canonical), then tell every replica (``listen_for_offboarding``).
+
+        Returns what was removed, by kind (``domains``: the domains whose mapping went), and how many
+        replicas heard the broadcast. Without Redis there is nothing shared: ``({}, 0)``. Unlike the
+        request path this does not fail open: ``SharedCacheError`` when Redis cannot be used.
+        """
+        if self._redis is None:
+            return {}, 0
+        if self._sealer is None:
+            raise SharedCacheError("cache key not loaded")
+        redis = self._redis
+        try:
+            names: list[str] = []
+            for spelling in (tenant, *domains):
+                for pattern in _Names.tenant_patterns(spelling):
+                    found = redis.scan_iter(match=pattern, count=1000)
+                    names.extend([_text(name) async for name in found])
+            mapped = await redis.smembers(_Names.domains_of(tenant))
+            candidates = set(domains) | {_text(member)[:253] for member in mapped}
+            removed_domains = []
+            for domain in sorted(d for d in candidates if DOMAIN_RE.fullmatch(d)):
+                blob = await redis.get(_Names.domain(domain))
+                record = self._open(_Names.domain(domain), blob) if blob is not None else None
+                # Only a mapping to this tenant: a domain that moved to another tenant keeps its own.
+                if record is not None and record.get("tenant") == tenant:
+                    names.append(_Names.domain(domain))
+                    removed_domains.append(domain)
+            names.append(_Names.registry(tenant))
+            async with redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.delete(name)
+                pipe.delete(_Names.domains_of(tenant))
+                pipe.zrem(_Names.registry_index(), tenant)
+                deleted = list(await pipe.execute())
+            message = json.dumps({"tenant": tenant, "domains": sorted(candidates)[:64]})
+            notified = int(await redis.publish(OFFBOARD_CHANNEL, message))
+        except (RedisError, OSError) as exc:
+            # The class name only: redis-py's messages can quote the URL (and its password).
+            raise SharedCacheError(type(exc).__name__) from None
+        removed: dict[str, Any] = dict.fromkeys(_REMOVED_AS.values(), 0)
+        for name, count in zip(names, deleted, strict=False):
+            label = _REMOVED_AS.get(name.split(":", 3)[2])
+            if label is not None:
+                removed[label] += int(count)
+        removed["domains"] = removed_domains
+        return removed, notified
+
+    async def listen_for_offboarding(self, forget: Callable[[str, list[str]], object]) -> None:
+        """Apply every offboarding broadcast to this process (``forget(tenant, domains)``); runs until
+        cancelled, under the same rules as ``listen_for_purges``."""
+        if self._redis is None:
+            return
+        try:
+            async with self._redis.pubsub() as pubsub:
+                await pubsub.subscribe(OFFBOARD_CHANNEL)
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    found = _offboard_message(bytes(message["data"]))
+                    if found is None:
+                        log.warning("malformed offboarding broadcast ignored")
+                        continue
+                    forget(*found)
+                    log.info("offboarding broadcast received", extra={"tenant": found[0]})
+        except (RedisError, OSError) as exc:
+            log.warning("offboarding listener lost Redis; restarting", extra={"reason": type(exc).__name__})
 
 
 def _is_slow(exc: BaseException) -> bool:
@@ -536,3 +826,24 @@ async def purge_tenant(options: RedisOptions, tenant: str) -> tuple[int, int]:
     finally:
         await redis.aclose()
     return removed, notified
+
+
+def _text(value: bytes | str) -> str:
+    """A name read back from Redis (bytes, as the client does not decode) as text."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _offboard_message(data: bytes) -> tuple[str, list[str]] | None:
+    """(tenant, domains) of an offboarding broadcast, or ``None`` when it is not one (pub/sub is not
+    sealed: anything that can publish can send anything, so only well-formed names are acted on)."""
+    if len(data) > MAX_BROADCAST_BYTES:
+        return None
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return None
+    tenant = body.get("tenant") if isinstance(body, Mapping) else None
+    domains = body.get("domains") if isinstance(body, Mapping) else None
+    if not isinstance(tenant, str) or not GUID_RE.fullmatch(tenant) or not isinstance(domains, list):
+        return None
+    return tenant, [d for d in domains[:64] if isinstance(d, str) and DOMAIN_RE.fullmatch(d)]

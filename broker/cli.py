@@ -1,9 +1,11 @@
 """``token-broker`` commands: serve, check-config, healthcheck, hash-key, consent-url, probe, cache purge,
-tenants invite.
+tenants list|show|check|remove|invite.
 
 Errors go to stderr with a non-zero exit: 2 for a bad configuration or usage, 1 for a failed
 operation (``healthcheck`` exits 0 or 1 only: Docker reserves 2). ``probe`` never prints the token
-unless ``--show-token`` is given.
+unless ``--show-token`` is given. ``tenants`` commands are clients of a running broker's admin API
+(``/v1/tenants``), authenticated with an admin caller's key from an environment variable (never an
+argument: arguments show in ``ps``); they print tables for people and ``--json`` for scripts.
 """
 
 from __future__ import annotations
@@ -14,13 +16,22 @@ import json
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from broker import __version__
 from broker.callers import new_api_key
-from broker.config import Settings, is_tenant, load_settings, normalise_resource
+from broker.config import (
+    GUID_RE,
+    RedisOptions,
+    Settings,
+    is_tenant,
+    load_settings,
+    normalise_resource,
+    read_env_secret,
+)
 from broker.errors import BrokerError, ConfigError
 
 EXIT_FAILED = 1
@@ -195,8 +206,31 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_cache_purge(args: argparse.Namespace) -> int:
+async def _tenant_guid(settings: Settings, domain: str) -> str:
+    """The GUID a domain names, from Entra's discovery document (as the broker resolves it)."""
+    from broker.discovery import TenantDiscovery
+    from broker.tls import build_ca_bundle
+
+    discovery = TenantDiscovery(
+        settings.authority_host, build_ca_bundle(settings.outbound_ca_file), settings.upstream_timeout_seconds
+    )
+    try:
+        return await discovery.tenant_id(domain)
+    finally:
+        await discovery.close()
+
+
+async def _purge(options: RedisOptions, spellings: list[str]) -> tuple[int, int]:
     from broker.cache import purge_tenant
+
+    removed = notified = 0
+    for spelling in spellings:
+        count, heard = await purge_tenant(options, spelling)
+        removed, notified = removed + count, max(notified, heard)
+    return removed, notified
+
+
+def cmd_cache_purge(args: argparse.Namespace) -> int:
     from broker.errors import SharedCacheError
 
     settings = _settings(args)
@@ -205,13 +239,21 @@ def cmd_cache_purge(args: argparse.Namespace) -> int:
     options = settings.redis_options()
     if options is None:
         raise ConfigError("redis_url is not configured: there is no shared cache to purge")
+    spellings = [args.tenant.lower()]
+    if not GUID_RE.fullmatch(args.tenant):
+        # Entries are keyed by the tenant's GUID; entries under the domain itself predate that.
+        try:
+            spellings.insert(0, _run(_tenant_guid(settings, args.tenant.lower())))
+        except BrokerError as exc:
+            print(f"token-broker: cannot resolve {args.tenant}: {exc.description}", file=sys.stderr)
+            return EXIT_FAILED
     try:
-        removed, notified = _run(purge_tenant(options, args.tenant))
+        removed, notified = _run(_purge(options, spellings))
     except SharedCacheError as exc:
         print(f"token-broker: cannot reach Redis: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print(
-        f"removed {removed} shared cache entr{'y' if removed == 1 else 'ies'} for {args.tenant}; "
+        f"removed {removed} shared cache entr{'y' if removed == 1 else 'ies'} for {' / '.join(spellings)}; "
         f"{notified} replica(s) dropped their in-process copies"
     )
     return 0
@@ -270,6 +312,165 @@ def add_tenants_invite(tenants_sub: Any, with_config: Any) -> None:
     invite.set_defaults(func=cmd_tenants_invite)
 
 
+# --- tenants: a client of the admin API ------------------------------------------------------------
+
+ADMIN_KEY_ENV = "BROKER_ADMIN_KEY"
+
+
+class _AdminError(Exception):
+    """The admin API refused or could not be reached; the message is for stderr."""
+
+
+def _admin_url(args: argparse.Namespace) -> str:
+    if args.url:
+        return str(args.url).rstrip("/")
+    settings = _settings(args, check_files=False)
+    host = _LOOPBACK_FOR.get(settings.listen.host, settings.listen.host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.listen.port}"
+
+
+def _admin_call(args: argparse.Namespace, method: str, path: str) -> Any:
+    """One admin API request; the decoded JSON answer, or ``_AdminError``."""
+    key = read_env_secret(args.key_env)
+    if not key:
+        raise ConfigError(f"set {args.key_env} to the key of a caller with admin: true")
+    url = _admin_url(args) + path
+    request = urllib.request.Request(  # noqa: S310 - the operator's own broker URL (http or https)
+        url, method=method, headers={"Authorization": f"Bearer {key}", "Accept": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:  # noqa: S310 - as above
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            body = json.loads(exc.read())
+            reason = f"{body.get('error')}: {body.get('error_description')}"
+        except ValueError:
+            reason = exc.reason
+        raise _AdminError(f"{method} {path} answered {exc.code} {reason}") from None
+    except (OSError, ValueError) as exc:
+        raise _AdminError(f"{url} unreachable: {exc}") from None
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    )
+
+
+def _key_rows(entry: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for app, resources in sorted(entry["apps"].items()):
+        for resource, key in sorted(resources.items()):
+            error = key.get("last_error") or {}
+            rows.append(
+                [
+                    app,
+                    resource,
+                    str(key.get("state")),
+                    ",".join(key.get("missing_roles") or []) or "-",
+                    str(key.get("last_checked_at") or "-"),
+                    str(error.get("aadsts") or error.get("error") or "-"),
+                ]
+            )
+    return rows
+
+
+_KEY_HEADER = ["APP", "RESOURCE", "STATE", "MISSING ROLES", "LAST CHECKED", "LAST ERROR"]
+
+
+def cmd_tenants_list(args: argparse.Namespace) -> int:
+    query = {"limit": str(args.limit), **({"state": args.state} if args.state else {})}
+    if args.app:
+        query["app"] = args.app
+    found: list[dict[str, Any]] = []
+    cursor = ""
+    while True:
+        page = _admin_call(
+            args,
+            "GET",
+            "/v1/tenants?" + urllib.parse.urlencode({**query, **({"cursor": cursor} if cursor else {})}),
+        )
+        found.extend(page["tenants"])
+        cursor = page.get("next_cursor") or ""
+        if not cursor:
+            break
+    if args.json:
+        print(json.dumps({"tenants": found}, indent=2))
+        return 0
+    rows = [
+        [
+            entry["tenant"],
+            str(entry.get("state")),
+            ",".join(entry.get("domains") or []) or "-",
+            ",".join(sorted(entry["apps"])),
+        ]
+        for entry in found
+    ]
+    print(_table(rows, ["TENANT", "STATE", "DOMAINS", "APPS"]))
+    print(f"{len(found)} tenant(s)")
+    return 0
+
+
+def cmd_tenants_show(args: argparse.Namespace) -> int:
+    entry = _admin_call(args, "GET", f"/v1/tenants/{urllib.parse.quote(args.tenant)}")
+    if args.json:
+        print(json.dumps(entry, indent=2))
+        return 0
+    print(f"tenant     {entry['tenant']} ({entry.get('state')})")
+    print(f"domains    {', '.join(entry.get('domains') or []) or '-'}")
+    print(f"first seen {entry.get('first_seen') or '-'}")
+    print(_table(_key_rows(entry), _KEY_HEADER))
+    return 0
+
+
+def cmd_tenants_check(args: argparse.Namespace) -> int:
+    query = f"?app={urllib.parse.quote(args.app)}" if args.app else ""
+    result = _admin_call(args, "POST", f"/v1/tenants/{urllib.parse.quote(args.tenant)}/check{query}")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        rows = [
+            [check["app"], check["resource"], check["outcome"], str(check.get("aadsts") or "-")]
+            for check in result["checks"]
+        ]
+        print(f"tenant {result['tenant']}")
+        print(_table(rows, ["APP", "RESOURCE", "OUTCOME", "AADSTS"]))
+        if result.get("entry"):
+            print(_table(_key_rows(result["entry"]), _KEY_HEADER))
+    return 0 if all(check["outcome"] == "ok" for check in result["checks"]) else EXIT_FAILED
+
+
+def cmd_tenants_remove(args: argparse.Namespace) -> int:
+    result = _admin_call(args, "DELETE", f"/v1/tenants/{urllib.parse.quote(args.tenant)}")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    removed = result["removed"]
+    counts = ", ".join(f"{value} {name}" for name, value in removed.items() if isinstance(value, int))
+    domains = removed.get("domains") or []
+    print(f"removed tenant {result['tenant']}: {counts or 'nothing shared'}")
+    if domains:
+        print(f"domain mappings removed: {', '.join(domains)}")
+    print(f"{result['replicas_notified']} replica(s) dropped their in-process copies")
+    return 0
+
+
+def _tenants_command(command: Any) -> Any:
+    """Run a tenants command, turning an admin API failure into exit 1 with the reason on stderr."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(command(args))
+        except _AdminError as exc:
+            print(f"token-broker: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="token-broker",
@@ -325,8 +526,39 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--tenant", required=True, help="customer tenant GUID or domain")
     purge.set_defaults(func=cmd_cache_purge)
 
-    tenants = sub.add_parser("tenants", help="customer tenants: onboarding invites")
+    tenants = sub.add_parser(
+        "tenants",
+        help="customer tenants: the registry of a running broker (admin API) and onboarding invites",
+    )
     tenants_sub = tenants.add_subparsers(dest="tenants_command", required=True)
+
+    def admin_client(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        with_config(p)
+        p.add_argument("--url", help="the broker's base URL (default: its configured listen address)")
+        p.add_argument(
+            "--key-env",
+            default=ADMIN_KEY_ENV,
+            help=f"environment variable holding an admin caller's API key (default {ADMIN_KEY_ENV})",
+        )
+        p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
+        p.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
+        return p
+
+    listing = admin_client(tenants_sub.add_parser("list", help="registered tenants and their state"))
+    listing.add_argument("--state", help="only tenants with an entry in this state (e.g. consent_required)")
+    listing.add_argument("--app", help="only tenants with an entry for this app")
+    listing.add_argument("--limit", type=int, default=500, help="tenants per API page (at most 500)")
+    listing.set_defaults(func=_tenants_command(cmd_tenants_list))
+    show = admin_client(tenants_sub.add_parser("show", help="one tenant's registry entry"))
+    show.add_argument("tenant", help="tenant GUID or domain")
+    show.set_defaults(func=_tenants_command(cmd_tenants_show))
+    check_tenant = admin_client(tenants_sub.add_parser("check", help="re-acquire now (exit 1 unless all ok)"))
+    check_tenant.add_argument("tenant", help="tenant GUID or domain")
+    check_tenant.add_argument("--app", help="only this app (default: every app)")
+    check_tenant.set_defaults(func=_tenants_command(cmd_tenants_check))
+    remove = admin_client(tenants_sub.add_parser("remove", help="offboard: remove every trace of a tenant"))
+    remove.add_argument("tenant", help="tenant GUID or domain")
+    remove.set_defaults(func=_tenants_command(cmd_tenants_remove))
     add_tenants_invite(tenants_sub, with_config)
     return parser
 

@@ -229,13 +229,17 @@ class MetricsSettings(_Frozen):
     port: int = Field(default=9090, ge=0, le=65535)
 
 
+RoleName = Annotated[str, Field(min_length=1, max_length=256)]
+
+
 class AppSettings(_Frozen):
     client_id: Guid
     credential: CredentialSource
     resources: list[Resource] = Field(min_length=1)
-    # What the product needs in every tenant, per resource: a token lacking one of these roles means
-    # the customer granted less than asked (or removed a role since): onboarding names them.
-    required_roles: dict[Resource, list[str]] = {}
+    # The app roles the product needs, per resource, in every tenant. Entra gives no error when a
+    # customer removes a role (the token just lacks it): the registry compares each token's roles with
+    # these and marks the tenant ``missing_roles``.
+    required_roles: dict[Resource, list[RoleName]] = {}
 
 
 SERVICE_ACCOUNT_RE = re.compile(
@@ -267,11 +271,11 @@ class CallerSettings(_Frozen):
     service_account: str | None = None  # system:serviceaccount:NAMESPACE:NAME
     tenants: list[str] = Field(min_length=1)
     apps: list[str] = Field(min_length=1)
-    # May use the tenant administration endpoints (/v1/tenants/..., e.g. onboarding invites).
-    admin: bool = False
     # Entra acquisitions this caller may cause per minute (a token bucket; cache hits never count):
     # one runaway or compromised caller cannot spend the shared app's Entra budget.
     max_acquisitions_per_minute: int = Field(default=120, ge=1, le=100_000)
+    # May use the tenant admin API (/v1/tenants: registry, check, remove, invite).
+    admin: bool = False
 
     @model_validator(mode="after")
     def _one_credential(self) -> CallerSettings:
@@ -360,6 +364,13 @@ class Settings(_Frozen):
     # holder blocks the key this long at most).
     # Default: upstream_retry_seconds + 2 x upstream_timeout_seconds + 5.
     lease_seconds: float | None = Field(default=None, gt=0, le=600)
+    # Tenants: a verified domain's GUID (from Entra's discovery document) is remembered this long,
+    # shared through Redis. The registry's re-validation sweep re-acquires each (tenant, app, resource)
+    # whose last check is older than tenant_check_interval_seconds, at most tenant_check_rate Entra
+    # requests per second for the whole cluster (one replica sweeps at a time).
+    tenant_domain_ttl_seconds: float = Field(default=86400.0, ge=60, le=30 * 86400)
+    tenant_check_interval_seconds: float = Field(default=21600.0, ge=1, le=30 * 86400)
+    tenant_check_rate: float = Field(default=1.0, gt=0, le=100)
 
     @field_validator("redis_url")
     @classmethod
@@ -424,6 +435,27 @@ class Settings(_Frozen):
             propagation_seconds=self.consent_propagation_seconds,
         )
 
+    def tenant_options(self) -> TenantOptions:
+        return TenantOptions(
+            authority_host=self.authority_host,
+            domain_ttl_seconds=self.tenant_domain_ttl_seconds,
+            unknown_domain_seconds=self.negative_cache_seconds,
+            timeout_seconds=self.upstream_timeout_seconds,
+            check_interval_seconds=self.tenant_check_interval_seconds,
+            check_rate=self.tenant_check_rate,
+            # The sweeper renews its lease before each check; one check may take the whole upstream
+            # timeout (twice: discovery, token) plus the pause between checks.
+            sweep_lease_seconds=max(
+                30.0, 3 * (2 * self.upstream_timeout_seconds + 1 / self.tenant_check_rate)
+            ),
+            required_roles={
+                name: {resource: tuple(roles) for resource, roles in app.required_roles.items()}
+                for name, app in self.apps.items()
+            },
+            resources={name: tuple(app.resources) for name, app in self.apps.items()},
+            local_max_entries=self.l1_max_tokens,
+        )
+
     def app_for(self, name: str | None) -> tuple[str, AppSettings] | None:
         """The named app, or the only app when no name is given and exactly one is configured."""
         if name is None:
@@ -485,6 +517,22 @@ class OnboardingOptions:
     apps: dict[str, AppSettings]
     invite_ttl_seconds: int
     propagation_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class TenantOptions:
+    """``tenants.py`` and ``discovery.py``: resolving domains, the registry and its sweep."""
+
+    authority_host: str
+    domain_ttl_seconds: float  # a domain's GUID, remembered (Redis and in process)
+    unknown_domain_seconds: float  # a domain Entra does not know, remembered (0: not at all)
+    timeout_seconds: float  # one discovery request
+    check_interval_seconds: float
+    check_rate: float  # Entra requests per second, cluster-wide
+    sweep_lease_seconds: float
+    required_roles: dict[str, dict[str, tuple[str, ...]]]  # app -> resource -> roles
+    resources: dict[str, tuple[str, ...]]  # app -> resources
+    local_max_entries: int  # registry entries kept in process when there is no Redis
 
 
 # --- validation beyond single fields ---------------------------------------------------------------------

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 CONSENT_CODES = frozenset({700016, 7000229, 65001, 650056, 90094})
 UNKNOWN_TENANT_CODES = frozenset({90002})
 TENANT_PERMANENT_CODES = frozenset({500011, 53003})
-CREDENTIAL_CODES = frozenset({7000215, 7000222, 700027, 7000112})
+CREDENTIAL_CODES = frozenset({7000215, 7000222, 700027})
 # Refusals of a federated or Key Vault-signed client assertion: app-wide credential errors too (reload
 # once, then 502). What each means for the operator (the README lists the fix for each):
 ASSERTION_CODES: Final[Mapping[int, str]] = {
@@ -69,6 +69,10 @@ ASSERTION_CODES: Final[Mapping[int, str]] = {
     700027: "the client assertion's signature or certificate is not one registered on the app "
     "(upload the certificate's public part, or check its thumbprint)",
 }
+# The customer disabled the app's service principal (enterprise application) in *their* tenant: a state
+# of that tenant which only its administrator can change. Reloading the app credential would not help
+# and, for a partner with many customers, would turn one customer's choice into Key Vault traffic.
+DISABLED_CODES = frozenset({7000112})
 TRANSIENT_CODES = frozenset({90055, 50196})
 DEFAULT_RETRY_AFTER_SECONDS = 5
 
@@ -113,6 +117,12 @@ def classify(failure: EntraFailure, *, tenant: str, consent_link: str) -> Broker
         )
     if code in UNKNOWN_TENANT_CODES:
         return UnknownTenantError(f"Entra ID does not know tenant {tenant}", aadsts=aadsts)
+    if code in DISABLED_CODES:
+        return TenantRefusedError(
+            f"the app is disabled in tenant {tenant}: its administrator must re-enable the enterprise "
+            "application",
+            aadsts=aadsts,
+        )
     if code in CREDENTIAL_CODES or code in ASSERTION_CODES:
         meaning = ASSERTION_CODES.get(code)
         because = f": {meaning}" if meaning else ""

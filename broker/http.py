@@ -1,4 +1,5 @@
-"""The HTTP surface: ``POST /v1/token``, health endpoints and the OpenAPI document.
+"""The HTTP surface: ``POST /v1/token``, health endpoints and the OpenAPI document (the tenant admin
+API, ``/v1/tenants``, lives in ``admin.py`` and is registered by ``create_api``).
 
 Handlers parse and validate, call the service, and render. They find their components under typed
 ``web.AppKey``s that the composition root (``app.py``) fills. One middleware renders every
@@ -20,6 +21,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from broker import admin
 from broker.cache import TokenCache
 from broker.callers import Caller, CallerRegistry
 from broker.config import Settings, is_tenant, normalise_resource
@@ -216,7 +218,8 @@ async def issue_token(
         app_name = (
             issued.app if issued else app[BROKER].app_name(token_request.app) if token_request else None
         )
-        _audit(app[AUDIT], surface, caller_name, token_request, app_name, issued, outcome, elapsed)
+        tenant = app[BROKER].canonical_tenant(token_request.tenant) if token_request else None
+        _audit(app[AUDIT], surface, caller_name, token_request, tenant, app_name, issued, outcome, elapsed)
     metrics.served_token_remaining_seconds.observe(int(issued.token.remaining_seconds()))
     return issued
 
@@ -226,18 +229,21 @@ def _audit(
     surface: str,
     caller: str,
     request: TokenRequest | None,
+    tenant: str | None,
     app: str | None,
     issued: Issued | None,
     outcome: str,
     elapsed: float,
 ) -> None:
     """One line per token request: who asked for what, through which surface, and what happened
-    (never the token)."""
+    (never the token). ``tenant`` is the tenant's GUID (when known), ``tenant_requested`` the
+    spelling the caller sent."""
     audit.write(
         {
             "caller": caller,
             "surface": surface,
-            "tenant": request.tenant if request else None,
+            "tenant": tenant,
+            "tenant_requested": request.tenant if request else None,
             "app": app,
             "resource": request.resource if request else None,
             "outcome": outcome,
@@ -335,4 +341,5 @@ def create_api(max_body_bytes: int) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi_document)
+    admin.add_routes(app)
     return app

@@ -54,6 +54,11 @@ class FairScheduler:
     def queued(self) -> int:
         return sum(len(queue) for queue in self._waiting.values())
 
+    @property
+    def idle(self) -> bool:
+        """A slot is free and nobody waits: background work may take it without delaying anyone."""
+        return self._free > 0 and not self._waiting
+
     @contextlib.asynccontextmanager
     async def slot(self, party: str) -> AsyncIterator[None]:
         """Hold one slot for the block, waiting for this party's turn if all are taken."""

@@ -148,6 +148,33 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        # Tenants (tenants.py). States and apps are fixed sets; tenant ids are never labels.
+        self.tenants = Gauge(
+            "broker_tenants",
+            "Registered (tenant, resource) entries by app and state, counted over the whole registry by "
+            "the replica running the re-validation sweep (other replicas export none: use max).",
+            ["app", "state"],
+            registry=r,
+        )
+        self.tenant_transitions = Counter(
+            "broker_tenant_transitions",
+            "Registry state changes of a (tenant, app, resource) by app, from and to state "
+            "(from=new for a first record); each change is counted once, by the replica that wrote it.",
+            ["app", "from", "to"],
+            registry=r,
+        )
+        self.tenant_checks = Counter(
+            "broker_tenant_checks",
+            "Re-validation acquisitions by trigger (sweep|admin) and outcome.",
+            ["trigger", "outcome"],
+            registry=r,
+        )
+        self.tenant_resolutions = Counter(
+            "broker_tenant_resolutions",
+            "Domain to tenant GUID resolutions by source (redis|discovery) and outcome (ok|unknown|error).",
+            ["source", "outcome"],
+            registry=r,
+        )
         self.build_info = Info("broker_build", "token-broker build information.", registry=r)
         self.build_info.info({"version": __version__})
         self._children: dict[tuple[object, tuple[str, ...]], object] = {}

@@ -12,6 +12,11 @@ request is
                                                                                   the holder's token lands
 
 so N callers on M replicas cost Entra one request per (app, tenant, resource) per token lifetime.
+
+With a ``TenantDirectory`` the tenant in every key is its GUID, whatever the caller spelled (a verified
+domain is resolved once), and the caller's policy admits the request when any entry names that GUID;
+with a ``TenantLedger`` every Entra outcome is recorded (the tenant registry). ``check`` asks Entra
+now for a key, whatever is cached: the registry's re-validation.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import math
 import random
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 from broker.cache import Lease
@@ -37,6 +43,7 @@ from broker.errors import (
     RateLimitedError,
     TemporarilyUnavailableError,
     ThrottledError,
+    UnknownTenantError,
     UpstreamError,
 )
 from broker.limits import AcquisitionBudget, FairScheduler
@@ -60,6 +67,7 @@ BACKOFF_CAP_SECONDS = 4.0
 # Token lifetimes remembered per key, so a min_ttl Entra's tokens cannot satisfy is refused at once.
 MAX_REMEMBERED_LIFETIMES = 10_000
 REFRESH_PARTY = "(refresh)"  # the background refresh's share of the fair scheduler
+SWEEP_PARTY = "(sweep)"  # the tenant registry's re-validation
 
 
 class TokenSource(Protocol):
@@ -68,6 +76,26 @@ class TokenSource(Protocol):
     async def acquire(self, key: TokenKey) -> AccessToken: ...
 
     def consent_url(self, key: TokenKey) -> str: ...
+
+
+class TenantDirectory(Protocol):
+    """Names tenants by their GUID (``tenants.TenantResolver`` in production)."""
+
+    async def canonical(self, spelling: str, charge: Callable[[], None] | None = None) -> str: ...
+
+    def known(self, spelling: str) -> str | None: ...
+
+    def domains_of(self, tenant: str) -> tuple[str, ...]: ...
+
+    async def policy_name(self, policy: Iterable[str], spelling: str, tenant: str) -> str | None: ...
+
+
+class TenantLedger(Protocol):
+    """Records every Entra outcome per tenant (``tenants.TenantRegistry`` in production)."""
+
+    async def record(
+        self, key: TokenKey, outcome: AccessToken | BrokerError, domains: Iterable[str] = ()
+    ) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,12 +134,16 @@ class TokenBroker:
         metrics: Metrics,
         cache: TokenCache,
         source: TokenSource,
+        tenants: TenantDirectory | None = None,
+        ledger: TenantLedger | None = None,
     ) -> None:
         self._apps = apps
         self._options = options
         self._metrics = metrics
         self._cache = cache
         self._source = source
+        self._tenants = tenants
+        self._ledger = ledger
         self._inflight: dict[TokenKey, tuple[asyncio.Task[_Flight], _Party]] = {}
         # key -> (lifetime of a fresh token that was too short for a min_ttl, monotonic end of the
         # memory): until then a min_ttl longer than that lifetime is refused without asking Entra.
@@ -150,8 +182,32 @@ class TokenBroker:
             )
         return TokenKey(app_name, request.tenant.lower(), request.resource)
 
+    async def canonical_key(self, caller: Caller, request: TokenRequest) -> TokenKey:
+        """``resolve`` with the tenant named by its GUID: a domain is resolved (once, shared; paid from
+        the caller's budget), and the policy admits the request when any of its entries names that
+        GUID, by GUID or by domain. A caller the tenant is not for learns nothing about it (403, never
+        whether a domain exists)."""
+        if self._tenants is None:
+            return self.resolve(caller, request)
+        spelling = request.tenant.lower()
+        party = _Party(caller.name, caller.max_acquisitions_per_minute)
+        wildcard = "*" in caller.tenants
+        try:
+            tenant = await self._tenants.canonical(spelling, lambda: self._charge(party))
+        except UnknownTenantError:
+            if not wildcard and spelling not in caller.tenants:
+                self.resolve(caller, request)  # raises the refusal the policy makes of the spelling
+            raise
+        named = spelling if wildcard else await self._tenants.policy_name(caller.tenants, spelling, tenant)
+        key = self.resolve(caller, request if named is None else replace(request, tenant=named))
+        return TokenKey(key.app, tenant, key.resource)
+
+    def canonical_tenant(self, spelling: str) -> str | None:
+        """The GUID ``spelling`` names, when this process knows it without asking (audit lines)."""
+        return self._tenants.known(spelling) if self._tenants is not None else spelling.lower()
+
     async def get_token(self, caller: Caller, request: TokenRequest) -> Issued:
-        key = self.resolve(caller, request)
+        key = await self.canonical_key(caller, request)
         min_ttl = request.min_ttl_seconds
         token = self._cache.get_local(key)
         if token is not None and token.valid_for(min_ttl):
@@ -180,7 +236,7 @@ class TokenBroker:
         scheduler slot only while it runs; the token is then cached like any other. A permanent
         refusal is remembered again as usual. Policy is the caller's business (``resolve``).
         """
-        await self._cache.forget_failures(key)
+        await self._cache.forget_failure(key)
         acquirer = _Party(party, per_minute)
         self._charge(acquirer)
         found = await self._cache.lookup(key)  # only for a throttle Entra asked every replica to honour
@@ -316,17 +372,24 @@ class TokenBroker:
             failure.consent_url = self._source.consent_url(key)
         raise failure
 
-    async def _acquire(self, key: TokenKey, party: _Party, throttled_seconds: float) -> AccessToken:
-        fresh = await self._acquire_with_retries(key, party, throttled_seconds)
-        if GUID_RE.fullmatch(key.tenant) and fresh.tenant_id.lower() != key.tenant:
-            # A token for another tenant is never served nor cached, whatever Entra answered.
-            log.error(
-                "entra issued a token for another tenant; refusing it",
-                extra={"app": key.app, "tenant": key.tenant, "token_tid": fresh.tenant_id},
-            )
-            raise UpstreamError(f"Entra ID issued a token for another tenant than {key.tenant}")
+    async def _acquire(
+        self, key: TokenKey, party: _Party, throttled_seconds: float, retry_seconds: float | None = None
+    ) -> AccessToken:
+        try:
+            fresh = await self._acquire_with_retries(key, party, throttled_seconds, retry_seconds)
+            if GUID_RE.fullmatch(key.tenant) and fresh.tenant_id.lower() != key.tenant:
+                # A token for another tenant is never served nor cached, whatever Entra answered.
+                log.error(
+                    "entra issued a token for another tenant; refusing it",
+                    extra={"app": key.app, "tenant": key.tenant, "token_tid": fresh.tenant_id},
+                )
+                raise UpstreamError(f"Entra ID issued a token for another tenant than {key.tenant}")
+        except BrokerError as exc:
+            await self._record(key, exc)
+            raise
         token = schedule_refresh(fresh, now=time.time(), jitter_unit=random.random())  # noqa: S311 - jitter, not security
         await self._cache.store(key, token)
+        await self._record(key, token)
         log.info(
             "token acquired",
             extra={
@@ -341,14 +404,16 @@ class TokenBroker:
         return token
 
     async def _acquire_with_retries(
-        self, key: TokenKey, party: _Party, throttled_seconds: float
+        self, key: TokenKey, party: _Party, throttled_seconds: float, retry_seconds: float | None = None
     ) -> AccessToken:
-        """Entra, retried on transient failures with backoff inside ``upstream_retry_seconds``.
+        """Entra, retried on transient failures with backoff inside ``upstream_retry_seconds`` (or
+        ``retry_seconds``: 0 is one attempt, and none at all while Entra asks to hold off).
 
         A 429's Retry-After is honoured and shared through Redis, so other replicas hold off this
         (app, tenant) too instead of each being throttled in turn.
         """
-        deadline = time.monotonic() + self._options.upstream_retry_seconds
+        retry_budget = self._options.upstream_retry_seconds if retry_seconds is None else retry_seconds
+        deadline = time.monotonic() + retry_budget
         wait = throttled_seconds
         last_error: TemporarilyUnavailableError | None = None
         for attempt in range(MAX_UPSTREAM_ATTEMPTS):
@@ -385,6 +450,53 @@ class TokenBroker:
                     wait = random.uniform(0, min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**attempt))  # noqa: S311 - jitter
         reason = f" ({last_error.description})" if last_error is not None else ""
         raise TemporarilyUnavailableError(f"Entra ID kept failing{reason}; retry later", retry_after=1)
+
+    async def _record(self, key: TokenKey, outcome: AccessToken | BrokerError) -> None:
+        if self._ledger is not None:
+            domains = self._tenants.domains_of(key.tenant) if self._tenants is not None else ()
+            await self._ledger.record(key, outcome, domains)
+
+    # --- re-validation and offboarding (the tenant registry) ----------------------------------------
+
+    async def check(self, key: TokenKey, caller: Caller | None = None) -> AccessToken:
+        """Ask Entra now for ``key``, whatever is cached or remembered, and record the outcome.
+
+        For ``caller`` (an admin's check): under its budget and fair share, with the usual retries,
+        waiting for a replica that holds the key's lease. Without a caller it is the sweep's: one
+        attempt, started only while an MSAL worker is idle and no caller waits, skipped (503) while
+        another replica is acquiring the key (that acquisition's outcome is recorded anyway).
+        """
+        sweep = caller is None
+        party = (
+            _Party(SWEEP_PARTY, None)
+            if caller is None
+            else _Party(caller.name, caller.max_acquisitions_per_minute)
+        )
+        await self._cache.forget_failure(key)
+        deadline = time.monotonic() + self._options.lease_seconds + self._options.upstream_timeout_seconds
+        delay = POLL_FIRST_SECONDS
+        holder = self._cache.new_holder()
+        while True:
+            # Callers first: the sweep starts only while an MSAL worker is free and nobody waits for one
+            # (a caller arriving in the few milliseconds before it takes the slot waits one turn at
+            # most). Polled: the scheduler has no event for it, and the sweep's pace is slow anyway.
+            while sweep and not self._scheduler.idle:  # noqa: ASYNC110
+                await asyncio.sleep(POLL_MAX_SECONDS)
+            throttled = await self._cache.throttled_seconds(key)
+            async with self._cache.lease(key, self._options.lease_seconds, holder) as lease:
+                if lease is not Lease.HELD:
+                    self._charge(party)
+                    return await self._acquire(key, party, throttled, retry_seconds=0 if sweep else None)
+            if sweep or time.monotonic() >= deadline:
+                raise TemporarilyUnavailableError("another replica is acquiring this token", retry_after=1)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, POLL_MAX_SECONDS)
+
+    def forget_tenant(self, tenant: str) -> None:
+        """Forget what this process remembers per key of ``tenant`` (offboarding)."""
+        for memory in (self._lifetimes, self._refreshing):
+            for key in [k for k in memory if k.tenant == tenant]:
+                del memory[key]
 
     # --- refresh ahead ------------------------------------------------------------------------------
 

@@ -13,8 +13,9 @@ it unchanged, given only the options any local TLS endpoint needs (a CA file, MS
 ``instance_discovery=False``, Key Vault's ``verify_challenge_resource=False``).
 
 What it is for: the test suite, the benchmarks, ``make demo`` and the compose stack all run the broker
-against it; a control API (loopback only) seeds tenants, apps, consents and secrets, injects faults
-(429 + Retry-After, 5xx, latency, dropped connections) and counts requests for assertions. It is not
+against it; a control API (loopback only) seeds tenants, apps, consents and secrets, plays the
+customer's admin (revokes consent, removes an app role, disables the app's service principal), injects
+faults (429 + Retry-After, 5xx, latency, dropped connections) and counts requests for assertions. It is not
 a security boundary and holds nothing real: every secret in it is generated or a public fake value.
 
 Run it with ``python -m emulator`` (see ``__main__``). Modules:

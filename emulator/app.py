@@ -1,8 +1,8 @@
 """The aiohttp application of the emulator: routes, request log and fault injection.
 
 One server, one port, four faces: Entra ID (``entra``; its admin-consent page in ``consent``), Key
-Vault (``vault``, the vault URL is the server's base URL), the managed-identity endpoint (``identity``) and the test control API under
-``/_emulator/`` (``control``). Route names
+Vault (``vault``, the vault URL is the server's base URL), the managed-identity endpoint
+(``identity``) and the test control API under ``/_emulator/`` (``control``). Route names
 carry the endpoint class (``"token:v2"`` → ``token``), which a middleware uses to log every
 emulated-service request and to fire injected faults before the real handler runs.
 """

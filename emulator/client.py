@@ -227,6 +227,8 @@ class Emulator:
     rotate_app_secret = remote(EmulatorState.rotate_app_secret)
     grant = remote(EmulatorState.grant)
     revoke = remote(EmulatorState.revoke)
+    remove_role = remote(EmulatorState.remove_role)
+    set_service_principal_enabled = remote(EmulatorState.set_service_principal_enabled)
     set_unprovisioned = remote(EmulatorState.set_unprovisioned)
     add_redirect_uri = remote(EmulatorState.add_redirect_uri)
     set_app_permissions = remote(EmulatorState.set_app_permissions)

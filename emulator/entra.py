@@ -1,7 +1,7 @@
 """The Entra ID face of the emulator: OIDC discovery, JWKS and the v2/v1 token endpoints.
 
 Implements the client-credentials grant the way Entra answers it, including the order of its
-checks (tenant → grant → client/scope → service principal → client credential → resource) and its
+checks (tenant → grant → client/scope → service principal → enabled → client credential → resource) and its
 error bodies (``error``, ``error_description`` = ``"AADSTSnnnn: …"``, ``error_codes``, ``timestamp``,
 ``trace_id``, ``correlation_id``, ``error_uri``) with the same HTTP statuses. Every URL handed out
 names the tenant by GUID: MSAL takes the tenant of its cache key from the token endpoint's path.
@@ -237,6 +237,15 @@ async def token(request: web.Request) -> web.Response:
             f"'{tenant.display_name}'. This can happen if the application has not been installed "
             "by the administrator of the tenant or consented to by any user in the tenant. You "
             "may have sent your authentication request to the wrong tenant.",
+        )
+
+    if state.is_disabled(tenant.tenant_id, app):
+        return entra_error(
+            request,
+            400,
+            "unauthorized_client",
+            7000112,
+            f"Application '{app.client_id}' is disabled.",
         )
 
     raw_tid = raw.strip().lower()

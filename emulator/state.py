@@ -335,6 +335,8 @@ class EmulatorState:
         self.apps: dict[str, App] = {}
         self.consents: dict[tuple[str, str], Consent] = {}
         self.unprovisioned: set[tuple[str, str]] = set()
+        #: (tenant, client id) of service principals their tenant's admin disabled.
+        self.disabled: set[tuple[str, str]] = set()
         self.vault: dict[str, VaultSecret] = {}
         self.vault_certificates: dict[str, VaultCertificate] = {}
         self.vault_access: set[str] | None = None
@@ -364,6 +366,7 @@ class EmulatorState:
         self.apps.clear()
         self.consents.clear()
         self.unprovisioned.clear()
+        self.disabled.clear()
         self.vault.clear()
         self.vault_certificates.clear()
         self.vault_access = None
@@ -587,6 +590,31 @@ class EmulatorState:
         """Remove the app's service principal (consent and all roles) from ``tenant``."""
         tid = self.require_tenant(tenant).tenant_id
         self.consents.pop((tid, client_id.strip().lower()), None)
+
+    @operation
+    def remove_role(self, tenant: str, client_id: str, resource: str, role: str) -> None:
+        """Remove one app-role assignment (as a tenant admin can): no error anywhere, the next token
+        for ``resource`` simply lacks ``role``."""
+        tid = self.require_tenant(tenant).tenant_id
+        consent = self.consents.get((tid, self.require_app(client_id).client_id))
+        roles = consent.roles.get(_required_resource(resource)) if consent else None
+        if roles is None or role not in roles:
+            raise StateError(f"{tenant!r} has not granted role {role!r} on {resource!r}")
+        roles.remove(role)
+
+    @operation
+    def set_service_principal_enabled(self, tenant: str, client_id: str, enabled: bool) -> None:
+        """Disable (or re-enable) the app's service principal in ``tenant``, as its admin can in the
+        portal's Enterprise applications: while disabled, token requests get AADSTS7000112."""
+        key = (self.require_tenant(tenant).tenant_id, self.require_app(client_id).client_id)
+        if enabled:
+            self.disabled.discard(key)
+        else:
+            self.disabled.add(key)
+
+    def is_disabled(self, tenant_id: str, app: App) -> bool:
+        """Whether ``tenant_id``'s admin disabled the app's service principal there."""
+        return (tenant_id, app.client_id) in self.disabled
 
     @operation
     def set_unprovisioned(self, tenant: str, resource: str) -> None:

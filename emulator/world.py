@@ -7,8 +7,8 @@ encryption key, also in the vault. One world per user of the emulator:
 
 * :data:`DEMO_WORLD` — ``python -m emulator --demo``, ``make demo`` and deploy/docker-compose.yml:
   contoso has consented the Defender app, fabrikam has not;
-* :data:`TEST_WORLD` — tests/functional: three consented tenants (one also addressed by a domain) and
-  one that has not consented;
+* :data:`TEST_WORLD` — tests/functional: three consented tenants (one also addressed by two domains)
+  and one that has not consented;
 * :data:`BENCH_WORLD` — bench/: the app in its home tenant; the benchmark adds its thousands of
   consenting tenants with :meth:`World.add_customer`.
 
@@ -160,6 +160,8 @@ TENANT_A: Final = "aaaaaaaa-1111-4111-8111-aaaaaaaaaaaa"
 TENANT_B: Final = "bbbbbbbb-2222-4222-8222-bbbbbbbbbbbb"
 TENANT_C: Final = "cccccccc-3333-4333-8333-cccccccccccc"
 DOMAIN_C: Final = "fabrikam.onmicrosoft.com"
+#: Tenant C's second verified domain.
+DOMAIN_C2: Final = "fabrikam.example.com"
 TENANT_UNCONSENTED: Final = "dddddddd-4444-4444-8444-dddddddddddd"
 #: A well-formed GUID no world creates.
 TENANT_MISSING: Final = "eeeeeeee-5555-4555-8555-eeeeeeeeeeee"
@@ -170,7 +172,7 @@ TEST_WORLD: Final = World(
     tenants=(
         TenantSeed(TENANT_A),
         TenantSeed(TENANT_B),
-        TenantSeed(TENANT_C, (DOMAIN_C,)),
+        TenantSeed(TENANT_C, (DOMAIN_C, DOMAIN_C2)),
         TenantSeed(TENANT_UNCONSENTED, consented=False),
     ),
 )

@@ -254,6 +254,11 @@ def _unprovisioned(emulator: Emulator) -> tuple[str, str]:
     return TENANT, APP_SECRET
 
 
+def _disabled(emulator: Emulator) -> tuple[str, str]:
+    emulator.set_service_principal_enabled(TENANT_DOMAIN, APP, enabled=False)
+    return TENANT, APP_SECRET
+
+
 @pytest.mark.parametrize(
     ("arrange", "status_error", "code"),
     [
@@ -261,8 +266,9 @@ def _unprovisioned(emulator: Emulator) -> tuple[str, str]:
         (_wrong_secret, "invalid_client", 7000215),
         (_expired_secret, "invalid_client", 7000222),
         (_unprovisioned, "invalid_resource", 500011),
+        (_disabled, "unauthorized_client", 7000112),
     ],
-    ids=["no-consent", "wrong-secret", "expired-secret", "unprovisioned-resource"],
+    ids=["no-consent", "wrong-secret", "expired-secret", "unprovisioned-resource", "disabled-principal"],
 )
 def test_msal_error_dicts(
     emulator: Emulator,
@@ -282,6 +288,23 @@ def test_msal_error_dicts(
     assert [code] == result["error_codes"]
     assert result["error_description"].startswith(f"AADSTS{code}: ")
     assert 0 == emulator.issued_tokens()
+
+
+def test_removed_role_and_re_enabled_principal(
+    emulator: Emulator, customer: Customer, http: requests.Session
+) -> None:
+    """Removing an app role gives no error, the next token just lacks it (removing one never granted
+    is refused); a re-enabled service principal gets tokens again."""
+    emulator.remove_role(customer.domain, APP, XDR + "/", "AdvancedHunting.Read.All")
+    with pytest.raises(EmulatorError, match="has not granted role"):
+        emulator.remove_role(TENANT, APP, XDR, "AdvancedHunting.Read.All")
+    emulator.set_service_principal_enabled(TENANT, APP, enabled=False)
+    emulator.set_service_principal_enabled(TENANT, APP, enabled=True)
+    app = make_cca(emulator, http, customer.tenant, customer.secret)
+
+    result = app.acquire_token_for_client(scopes=[f"{XDR}/.default"])
+
+    assert ["Incident.Read.All"] == emulator.verify_token(result["access_token"], XDR)["roles"]
 
 
 def test_msal_unknown_tenant_raises_at_construction(

@@ -309,6 +309,10 @@ def _upstream(outcome: str, aadsts: str = "") -> str:
     return f'broker_upstream_requests_total{{{_T}, app="a", outcome="{outcome}", aadsts="{aadsts}"}}'
 
 
+def _transitions(was: str, to: str) -> str:
+    return f'broker_tenant_transitions_total{{{_T}, app="a", from="{was}", to="{to}"}}'
+
+
 # (alert, input series {selector: promtool values}, minutes evaluated, fires)
 SCENARIOS = [
     (
@@ -445,6 +449,33 @@ SCENARIOS = [
     ("TokenBrokerTargetDown", {f"up{{{_T}}}": "1x5 0x20", f"up{{{_T2}}}": "1x25"}, 15, True),
     ("TokenBrokerDown", {f"up{{{_T}}}": "1x5 0x20", f"up{{{_T2}}}": "1x25"}, 15, False),
     ("TokenBrokerDown", {f"up{{{_T}}}": "1x5 0x20", f"up{{{_T2}}}": "1x5 0x20"}, 15, True),
+    (  # a tenant went from ready to consent_required: the series' first increment (it did not exist)
+        "TokenBrokerTenantLeftReady",
+        {_transitions("ready", "consent_required"): "_x5 1x30"},
+        8,
+        True,
+    ),
+    (  # an existing series grows
+        "TokenBrokerTenantLeftReady",
+        {_transitions("ready", "missing_roles"): "2x5 3x30"},
+        8,
+        True,
+    ),
+    (  # ... and the alert ends once the window has passed
+        "TokenBrokerTenantLeftReady",
+        {_transitions("ready", "missing_roles"): "2x5 3x30"},
+        25,
+        False,
+    ),
+    (  # new tenants and tenants becoming ready are not a reason to page
+        "TokenBrokerTenantLeftReady",
+        {
+            _transitions("new", "consent_required"): "_x5 1x30",
+            _transitions("consent_required", "ready"): "_x5 1x30",
+        },
+        8,
+        False,
+    ),
 ]
 
 

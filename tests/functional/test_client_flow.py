@@ -167,7 +167,8 @@ def test_sync_credential_tokens_for_several_tenants_are_cached(
     assert first == again
     assert (first[TENANT_B].token, first[TENANT_B].expires_on) == (info.token, info.expires_on)
     assert info.expires_on - 300 == info.refresh_on
-    assert list(TENANTS) == [line["tenant"] for line in broker.audit_lines()]
+    assert list(TENANTS) == [line["tenant_requested"] for line in broker.audit_lines()]
+    assert list(TENANTS.values()) == [line["tenant"] for line in broker.audit_lines()]
     assert 3 == world.emulator.token_requests(client_id=APP_ID)
 
 
@@ -219,7 +220,7 @@ async def test_async_credential_single_flight_and_cache(world: World, start_brok
     assert 3 == len({token.token for token in mixed})
     assert herd[0] in mixed
     assert TENANT_C == world.emulator.verify_token(info.token, DEFENDER)["tid"]
-    assert sorted(TENANTS) == sorted(line["tenant"] for line in broker.audit_lines())
+    assert sorted(TENANTS) == sorted(line["tenant_requested"] for line in broker.audit_lines())
 
 
 # --- errors -------------------------------------------------------------------------------------
