@@ -30,7 +30,16 @@ from broker.app import create_app
 from broker.callers import new_api_key
 from broker.config import parse_settings
 from broker.onboarding import STATE_TTL_SECONDS, LinkSigner, MemoryConsentRecorder
-from tests.functional.conftest import APP_ID, DEFENDER, ROLES, TENANT_A, TENANT_UNCONSENTED, World
+from tests.functional.conftest import (
+    APP_ID,
+    DEFENDER,
+    DOMAIN_C,
+    ROLES,
+    TENANT_A,
+    TENANT_C,
+    TENANT_UNCONSENTED,
+    World,
+)
 from tests.support import free_port, run_cli, serve_in_thread
 
 SIGNING_KEY_NAME = "consent-signing-key"
@@ -151,7 +160,9 @@ def assert_page(response: requests.Response, status: int, *texts: str) -> str:
 
 def test_only_admin_callers_get_invites(start_onboarding: StartOnboarding) -> None:
     """An admin caller gets a signed link on public_base_url that expires in 7 days; a caller
-    without ``admin: true`` gets 403 access_denied, no credential 401, a domain 400."""
+    without ``admin: true`` gets 403 access_denied, no credential 401; a verified domain is resolved
+    to its tenant's GUID through the registry's resolver (the invite names the GUID) and a domain
+    Entra does not know is 404 unknown_tenant."""
     onboard = start_onboarding()
     response = onboard.invite()
     assert 201 == response.status_code, response.text
@@ -168,7 +179,10 @@ def test_only_admin_callers_get_invites(start_onboarding: StartOnboarding) -> No
     assert (403, "access_denied") == (refused.status_code, refused.json()["error"])
     anonymous = requests.post(f"{onboard.url}/v1/tenants/{TENANT_UNCONSENTED}/invite", timeout=10)
     assert 401 == anonymous.status_code
-    assert 400 == onboard.invite("contoso.onmicrosoft.com").status_code
+    by_domain = onboard.invite(DOMAIN_C)
+    assert (201, TENANT_C) == (by_domain.status_code, by_domain.json()["tenant"])
+    unknown = onboard.invite("contoso.onmicrosoft.com")
+    assert (404, "unknown_tenant") == (unknown.status_code, unknown.json()["error"])
     assert 403 == onboard.invite(resource="https://graph.microsoft.com").status_code
 
 
