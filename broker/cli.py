@@ -204,8 +204,19 @@ def cmd_cache_purge(args: argparse.Namespace) -> int:
     options = settings.redis_options()
     if options is None:
         raise ConfigError("redis_url is not configured: there is no shared cache to purge")
+    from broker.app import entra_redis_credentials
+    from broker.tls import build_ca_bundle
+
+    async def purge() -> tuple[int, int]:
+        credentials = entra_redis_credentials(settings, build_ca_bundle(settings.outbound_ca_file))
+        try:
+            return await purge_tenant(options, args.tenant, credentials=credentials)
+        finally:
+            if credentials is not None:
+                await credentials.close()
+
     try:
-        removed, notified = _run(purge_tenant(options, args.tenant))
+        removed, notified = _run(purge())
     except SharedCacheError as exc:
         print(f"token-broker: cannot reach Redis: {exc}", file=sys.stderr)
         return EXIT_FAILED
