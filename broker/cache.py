@@ -659,6 +659,9 @@ class TokenCache:
             pubsub = await self._subscribe()
             try:
                 generation = self._credentials.generation if self._credentials else 0
+                # With Entra tokens, look for a renewed one every second (a token's renewal margin is
+                # minutes); otherwise the wait only bounds how long a cancellation takes.
+                poll_seconds = 1.0 if self._credentials else 5.0
                 while True:
                     if self._credentials is not None and self._credentials.generation != generation:
                         # A renewed Entra token: move to a connection authenticated with it before
@@ -669,7 +672,7 @@ class TokenCache:
                         pubsub, old = fresh, pubsub
                         with contextlib.suppress(RedisError, OSError):
                             await old.aclose()
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=poll_seconds)
                     if message is None or message.get("type") != "message":
                         continue
                     tenant = bytes(message["data"])[:256].decode(errors="replace")

@@ -71,7 +71,7 @@ async def _round_trip(cache: TokenCache) -> None:
     """What one acquisition does with Redis: lookup, lease, lookup, store, release; then a hit."""
     assert (await cache.lookup(KEY)).token is None
     async with cache.lease(KEY, 5, cache.new_holder()) as lease:
-        assert Lease.ACQUIRED == lease
+        assert Lease.ACQUIRED == lease, cache.redis_last_error
         await cache.lookup(KEY)
         await cache.store(KEY, _token())
     assert (await cache.lookup(KEY)).token is not None
@@ -248,38 +248,48 @@ async def _wait(predicate: Any, what: str, seconds: float) -> None:
 async def test_entra_tokens_are_renewed_on_live_connections(emulator: Emulator, tmp_path: Path) -> None:
     """Against a Redis that, as Azure does, takes Entra tokens as passwords and closes a connection
     whose token expires: the broker authenticates as its object id, renews the token ahead of expiry
-    and re-authenticates its live connections, pub/sub included, so across several token lifetimes
-    no connection is cut and a purge broadcast still arrives. Without the renewal, the gate cuts."""
-    emulator.set_token_lifetime(9)  # renewed 3 s before expiry
+    and re-authenticates its live connections, pub/sub included, so past the first token's expiry no
+    connection is cut, no AUTH is refused, and a purge broadcast still arrives.
+
+    Tokens live 45 s here: azure-identity asks Entra again at most every 30 s, so a renewal needs a
+    token lifetime beyond that (real ones live 60-90 minutes)."""
+    emulator.set_token_lifetime(45)  # renewed 15 s before expiry
     backend = RedisServer(tmp_path)
-    with started(backend):
-        gate = EntraGate(backend, emulator.public_key_pem, _object_id(emulator))
-        with started(gate):
-            options = _options(f"redis://127.0.0.1:{gate.port}/0", entra=True)
-            credentials = EntraRedisCredentials(_credential(emulator))
-            async with _cache(options, credentials) as (cache, metrics):
-                listener = asyncio.create_task(cache.listen_for_purges())
-                renewer = asyncio.create_task(cache.keep_credentials_renewed())
-                try:
-                    started_at = time.monotonic()
-                    while time.monotonic() - started_at < 22:  # more than two token lifetimes
-                        await _round_trip(cache)
-                        await purge_tenant(options, KEY.tenant, credentials=credentials)
-                        await asyncio.sleep(0.3)
-                    assert credentials.generation >= 3
-                    assert 0 == gate.stats.expired_cuts
-                    assert 0 == gate.stats.rejected
-                    await cache.store(KEY, _token())
+    with started(backend), started(EntraGate(backend, emulator.public_key_pem, _object_id(emulator))) as gate:
+        options = _options(f"redis://127.0.0.1:{gate.port}/0", entra=True)
+        credentials = EntraRedisCredentials(_credential(emulator))
+        async with _cache(options, credentials) as (cache, _):
+            listener = asyncio.create_task(cache.listen_for_purges())
+            renewer = asyncio.create_task(cache.keep_credentials_renewed())
+            try:
+                started_at = time.monotonic()
+                while time.monotonic() - started_at < 48:  # past the first token's expiry
+                    await _round_trip(cache)
                     await purge_tenant(options, KEY.tenant, credentials=credentials)
-                    await _wait(lambda: cache.get_local(KEY) is None, "purge broadcast", 5)
-                finally:
-                    for task in (listener, renewer):
-                        task.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await task
-                # Control: the same gate cuts connections whose token is not renewed.
-                await asyncio.sleep(10)
-                assert gate.stats.expired_cuts >= 1
+                    await asyncio.sleep(0.5)
+                assert credentials.generation >= 2
+                assert (0, 0) == (gate.stats.expired_cuts, gate.stats.rejected)
+                await cache.store(KEY, _token())
+                await purge_tenant(options, KEY.tenant, credentials=credentials)
+                await _wait(lambda: cache.get_local(KEY) is None, "purge broadcast", 5)
+            finally:
+                for task in (listener, renewer):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+
+async def test_the_gate_cuts_connections_whose_token_expired(emulator: Emulator, tmp_path: Path) -> None:
+    """The control for the test above: without renewal, the gate closes the connections at expiry
+    (and the next command reconnects with a fresh token, so the cache carries on)."""
+    emulator.set_token_lifetime(3)
+    backend = RedisServer(tmp_path)
+    with started(backend), started(EntraGate(backend, emulator.public_key_pem, _object_id(emulator))) as gate:
+        options = _options(f"redis://127.0.0.1:{gate.port}/0", entra=True)
+        async with _cache(options, EntraRedisCredentials(_credential(emulator))) as (cache, _):
+            await _round_trip(cache)
+            await _wait(lambda: gate.stats.expired_cuts >= 1, "a cut at expiry", 10)
+            assert await cache.ping()
 
 
 async def test_an_unusable_entra_credential_is_an_auth_failure(emulator: Emulator, tmp_path: Path) -> None:
