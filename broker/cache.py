@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
+import redis as redis_package
 from azure.core.exceptions import AzureError
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
@@ -681,7 +682,9 @@ class TokenCache:
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, RuntimeError, AttributeError) as exc:
+            if isinstance(exc, RuntimeError | AttributeError) and not _raised_by_client(exc):
+                raise  # ours: the supervisor logs it with its traceback
             self._record_failure("subscribe", exc, count=False)
             log.warning("purge listener lost Redis; restarting", extra={"reason": type(exc).__name__})
 
@@ -731,7 +734,7 @@ class TokenCache:
             self._record_failure(operation, MaxConnectionsError("no connection available"))
             return SLOW
         try:
-            result = await call(redis)
+            result = await _call(call, redis)
         except ResponseError as exc:
             self._record_failure(operation, exc)
             log.warning(
@@ -829,6 +832,39 @@ class TokenCache:
             del self._throttles[app_tenant]
             return 0.0
         return remaining
+
+
+_CLIENT_DIR = str(Path(redis_package.__file__).parent)
+
+
+async def _call(call: Callable[[RedisClient], Awaitable[T]], redis: RedisClient) -> T:
+    """``call(redis)``, once more when the client failed inside its own code.
+
+    redis-py's Cluster client, meeting a connection that the server dropped while another task was
+    using the node, raises ``RuntimeError`` (uvloop: a write on a closed transport) or
+    ``AttributeError`` (a writer already torn down) instead of ``ConnectionError``: its retry never
+    sees them. The cache's calls are idempotent (reads, SET, the re-entrant lease, compare-and-delete,
+    PUBLISH), so one more try on a fresh connection is safe; a second such failure is a connection
+    error (fail open), never an unhandled 500.
+    """
+    for attempt in range(2):
+        try:
+            return await call(redis)
+        except (RuntimeError, AttributeError) as exc:
+            if not _raised_by_client(exc):
+                raise
+            if attempt:
+                raise RedisConnectionError(f"redis client failure ({type(exc).__name__})") from None
+            log.debug("redis client failure; retrying", extra={"reason": type(exc).__name__})
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _raised_by_client(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised in redis-py's own code (not ours)."""
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and frame.tb_frame.f_code.co_filename.startswith(_CLIENT_DIR)
 
 
 def _is_slow(exc: BaseException) -> bool:

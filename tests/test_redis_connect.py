@@ -94,7 +94,7 @@ async def test_tls_with_a_private_ca(tls: TlsFiles, tmp_path: Path) -> None:
         async with _cache(_options(f"rediss://127.0.0.1:{port}/0", ca_file=tls.ca)) as (cache, _):
             await _round_trip(cache)
         assert 1 == len(list(admin(server.port).scan_iter(match="tb:v1:tok:*")))
-        async with _cache(_options(f"rediss://127.0.0.1:{port}/0", ca_file=tls.other_ca)) as (cache, metrics):
+        async with _cache(_options(f"rediss://127.0.0.1:{port}/0", ca_file=tls.other_ca)) as (cache, _):
             assert not await cache.ping()
             assert cache.redis_last_error is not None
             assert cache.redis_last_error.startswith("probe: connection")
@@ -108,7 +108,9 @@ async def test_mutual_tls(tls: TlsFiles, tmp_path: Path) -> None:
     server, port = tls_server(tmp_path, tls, client_certificates=True)
     url = f"rediss://127.0.0.1:{port}/0"
     try:
-        with_cert = _options(url, ca_file=tls.ca, client_cert_file=tls.client_cert, client_key_file=tls.client_key)
+        with_cert = _options(
+            url, ca_file=tls.ca, client_cert_file=tls.client_cert, client_key_file=tls.client_key
+        )
         async with _cache(with_cert) as (cache, _):
             await _round_trip(cache)
         async with _cache(_options(url, ca_file=tls.ca)) as (cache, _):
