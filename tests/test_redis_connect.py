@@ -317,3 +317,22 @@ def test_wait_until_is_bounded() -> None:
     """The helpers' waits end (a test of the test tooling: a hang would hold CI for its whole limit)."""
     with pytest.raises(TimeoutError):
         wait_until(lambda: False, "never", timeout=0.2)
+
+
+async def test_one_keys_failure_does_not_pause_the_others(redis_url: str) -> None:
+    """A command that fails for one key (a wrong-type value under its token name) makes that key a
+    miss without pausing Redis for unrelated keys: the next key's lease and store still use Redis."""
+    other = TokenKey(KEY.app, "22222222-3333-4444-5555-666666666666", KEY.resource)
+    async with _cache(_options(redis_url)) as (cache, metrics):
+        admin(int(redis_url.rsplit(":", 1)[1].split("/")[0])).lpush(
+            f"tb:v1:lock:{{{KEY.app}|{KEY.tenant}}}:{KEY.resource}", b"x"
+        )
+        async with cache.lease(KEY, 5, cache.new_holder()) as lease:
+            assert Lease.UNAVAILABLE == lease  # that key only: acquire directly
+        assert cache.redis_last_error is not None
+        assert cache.redis_last_error.startswith("lease: command")
+        assert cache.shared_available
+        async with cache.lease(other, 5, cache.new_holder()) as lease:
+            assert Lease.ACQUIRED == lease
+            await cache.store(other, _token())
+        assert (await cache.lookup(other)).token is not None
