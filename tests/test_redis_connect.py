@@ -320,10 +320,11 @@ def test_wait_until_is_bounded() -> None:
 
 
 async def test_one_keys_failure_does_not_pause_the_others(redis_url: str) -> None:
-    """A command that fails for one key (a wrong-type value under its token name) makes that key a
-    miss without pausing Redis for unrelated keys: the next key's lease and store still use Redis."""
+    """A command that fails for one key (a wrong-type value under its lease name) makes that key
+    acquire directly without pausing Redis for unrelated keys: the next key's lease and store still
+    use Redis."""
     other = TokenKey(KEY.app, "22222222-3333-4444-5555-666666666666", KEY.resource)
-    async with _cache(_options(redis_url)) as (cache, metrics):
+    async with _cache(_options(redis_url)) as (cache, _):
         admin(int(redis_url.rsplit(":", 1)[1].split("/")[0])).lpush(
             f"tb:v1:lock:{{{KEY.app}|{KEY.tenant}}}:{KEY.resource}", b"x"
         )
@@ -336,3 +337,37 @@ async def test_one_keys_failure_does_not_pause_the_others(redis_url: str) -> Non
             assert Lease.ACQUIRED == lease
             await cache.store(other, _token())
         assert (await cache.lookup(other)).token is not None
+
+
+async def test_a_replica_is_revealed_by_the_probe(tmp_path: Path) -> None:
+    """redis_url naming a replica (or a master since demoted): PING answers, the write probe says
+    READONLY, and so does the metric."""
+    (tmp_path / "master").mkdir()
+    (tmp_path / "replica").mkdir()
+    with started(RedisServer(tmp_path / "master")) as master:
+        replica = RedisServer(tmp_path / "replica", ["--replicaof", "127.0.0.1", str(master.port)])
+        with started(replica):
+            async with _cache(_options(f"redis://127.0.0.1:{replica.port}/0")) as (cache, metrics):
+                assert not await cache.ping()
+                assert cache.redis_last_error is not None
+                assert cache.redis_last_error.startswith("probe: readonly")
+                assert _samples(metrics, "broker_redis_failures_total")["{'reason': 'readonly'}"] >= 1
+
+
+async def test_a_password_file_is_read_at_every_new_connection(tmp_path: Path) -> None:
+    """redis_username + redis_password {file}: after the password is rotated (file and ACL) and the
+    connections dropped, the next connection authenticates with the new one, without a restart."""
+    password = tmp_path / "password"
+    password.write_text("first-password\n", encoding="utf-8")
+    with started(RedisServer(tmp_path)) as server:
+        admin(server.port).execute_command(
+            "ACL", "SETUSER", "broker", "on", ">first-password", "~*", "&*", "+@all"
+        )
+        options = _options(f"redis://127.0.0.1:{server.port}/0", username="broker", password_file=password)
+        async with _cache(options) as (cache, _):
+            await _round_trip(cache)
+            password.write_text("second-password\n", encoding="utf-8")
+            admin(server.port).execute_command("ACL", "SETUSER", "broker", "resetpass", ">second-password")
+            admin(server.port).execute_command("CLIENT", "KILL", "USER", "broker")
+            assert await cache.ping()
+            assert (await cache.lookup(KEY)).token is not None

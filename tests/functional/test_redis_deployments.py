@@ -5,7 +5,9 @@ Redis connection killed while a lease holder acquires. One Entra request per key
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,9 +18,10 @@ import pytest
 import requests
 import yaml
 
+from emulator.stack import RedisServer
 from tests.functional.conftest import APP_ID, DEFENDER, World, ask
 from tests.functional.test_cluster import _add_tenants, _post
-from tests.redis_topologies import Cluster, SentinelSet, admin, started
+from tests.redis_topologies import Cluster, EntraGate, SentinelSet, admin, started
 from tests.support import BrokerProcess, run_cli
 
 StartBroker = Callable[..., BrokerProcess]
@@ -200,3 +203,31 @@ def _timed(broker: BrokerProcess, key: str, body: dict[str, Any]) -> tuple[int, 
     started_at = time.monotonic()
     status = ask(broker, key, body).status_code
     return status, time.monotonic() - started_at
+
+
+def test_entra_auth_end_to_end_with_the_cli_purge(
+    world: World, start_broker: StartBroker, tmp_path: Path
+) -> None:
+    """`redis_auth: entra` end to end: the broker's own identity (azure_credential: environment, at the
+    emulator) authenticates to an Entra-gated Redis; tokens are shared there, /readyz's probe is ok,
+    and `cache purge` authenticates the same way and reaches the replica's listener."""
+    identity = world.emulator.broker_identity
+    object_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"sp:{identity.tenant_id}:{identity.client_id}"))
+    with started(RedisServer(tmp_path)) as backend, started(
+        EntraGate(backend, world.emulator.public_key_pem, object_id)
+    ) as gate:
+        config = world.broker_config(f"redis://127.0.0.1:{gate.port}/0", redis_auth="entra")
+        broker = start_broker(config, world.env)
+        tenant = _add_tenants(world, 1)[0]
+        assert 200 == ask(broker, world.soar_key, {"tenant": tenant, "resource": DEFENDER}).status_code
+        assert 1 == len(list(admin(backend.port).scan_iter(match="tb:v1:tok:*")))
+        readiness = requests.get(f"{broker.url}/readyz", timeout=5).json()
+        assert "ok" == readiness["checks"]["redis"]["status"], readiness
+        path = tmp_path / "purge.yaml"
+        path.write_text(yaml.safe_dump(config))
+        environment = {**os.environ, **world.env}
+        result = run_cli("cache", "purge", "--config", str(path), "--tenant", tenant, env=environment)
+        assert 0 == result.returncode, result.stderr
+        assert "removed 1 shared cache entry" in result.stdout
+        assert "1 replica(s)" in result.stdout
+        assert 0 == gate.stats.rejected
