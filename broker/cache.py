@@ -1,16 +1,22 @@
 """Everything the broker keeps: L1 in process, Redis shared by every replica, and the lease.
 
-This is the only module that imports ``redis``: the client factory (``connect_redis``), every key
-name (``_Names``), the token cache, the lease, remembered failures, throttles, the purge broadcast
-and its listener all live here, so Cluster, Sentinel, TLS or Entra authentication change one place.
+This is the only module that imports ``redis``: the client factory (``connect_redis``: standalone,
+Cluster or Sentinel, with TLS, ACL passwords or Entra ID tokens), every key name (``_Names``), the
+token cache, the lease, remembered failures, throttles, the purge broadcast and its listener all live
+here. Entra ID authentication (``EntraRedisCredentials``) takes tokens from the broker's own
+azure-identity credential (an azure-core ``AsyncTokenCredential``, built in ``app.py``) and translates
+azure-core's errors into redis-py's ``AuthenticationError``; it imports no Azure SDK client.
 
 Redis is semi-trusted: everything read back from it is authenticated or bounded. Tokens and
 remembered failures are AES-GCM ciphertext bound to their key name (``crypto.py``); a throttle's TTL
-is clamped; a lease without a TTL is replaced. Decided failure mode: Redis fails *open*. A connection
-error is logged, counted (``broker_redis_errors_total``) and the request carries on from L1 or by
-acquiring directly; after one Redis is skipped for a short back-off so requests do not each pay the
-timeout while it is down. A bad value under one key (wrong type, does not open) is that key's miss,
-never an outage.
+is clamped; a lease without a TTL is replaced. Decided failure mode: Redis fails *open*. The client
+retries a dropped connection itself; what still fails is logged, counted by reason
+(``broker_redis_failures_total``) and that request carries on from L1 or by acquiring directly. One
+key's failure (a wrong type, ``MOVED``, ``READONLY``, ``NOPERM``, one lost connection) never pauses
+other keys; only when Redis looks down (several calls in a row cannot reach it, or calls keep timing
+out) is it skipped for a short back-off, so requests do not each pay the timeout. A lease is released
+and a fresh token stored even then. A bad value under one key (wrong type, does not open) is that
+key's miss, never an outage.
 
 Key names share one hash tag per (app, tenant) so a key's token, lease, failure and throttle land in
 one Redis Cluster slot: ``tb:v1:{kind}:{app|tenant}[:resource]``.
@@ -626,6 +632,7 @@ class TokenCache:
         a Cluster read as one server answers MOVED for some of them. ``redis_last_error`` says why.
         """
         if self._redis is None:
+            self._metrics.redis_probe_ok.set(1)  # nothing to fail
             return True
         self._redis_down_until = 0.0
 

@@ -149,7 +149,7 @@ class Metrics:
         )
         self.redis_probe_ok = Gauge(
             "broker_redis_probe_ok",
-            "1 when /readyz's last write probe of Redis succeeded, 0 when it failed.",
+            "1 when /readyz's last write probe of Redis succeeded (or there is no Redis), 0 when it failed.",
             registry=r,
         )
         self.build_info = Info("broker_build", "token-broker build information.", registry=r)
