@@ -867,11 +867,14 @@ async def _call(call: Callable[[RedisClient], Awaitable[T]], redis: RedisClient)
 
 
 def _raised_by_client(exc: BaseException) -> bool:
-    """Whether ``exc`` was raised in redis-py's own code (not ours)."""
+    """Whether ``exc`` came out of redis-py's own code (raised there, or below it in asyncio's streams
+    and the event loop it calls), not out of ours."""
     frame = exc.__traceback__
-    while frame is not None and frame.tb_next is not None:
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename.startswith(_CLIENT_DIR):
+            return True
         frame = frame.tb_next
-    return frame is not None and frame.tb_frame.f_code.co_filename.startswith(_CLIENT_DIR)
+    return False
 
 
 def _is_slow(exc: BaseException) -> bool:

@@ -88,7 +88,7 @@ def test_cluster_herd_over_two_replicas_with_a_node_dropping_its_connections(
 
     results, killed = asyncio.run(herd())
     assert killed > 0
-    assert {200: 600} == dict(Counter(status for status, _, _ in results))
+    assert {200: 600} == dict(Counter(status for status, _, _ in results)), _unhandled(brokers)
     assert {tenant: 1 for tenant in tenants} == dict(_requests_per_tenant(world))
     per_node = cluster.keys("tb:v1:tok:*")
     assert 60 == sum(len(keys) for keys in per_node)
@@ -197,6 +197,16 @@ def test_every_connection_killed_while_a_holder_acquires(
     assert max(seconds for _, seconds in answers[1:]) < 8
     assert 1 == world.emulator.token_requests(tenant=tenant, client_id=APP_ID)
     assert 200 == ask(other, world.soar_key, body).status_code
+
+
+def _unhandled(brokers: list[BrokerProcess]) -> Counter[str]:
+    """The last line of each unhandled error's traceback in the brokers' logs (to explain a 500)."""
+    return Counter(
+        str(line.get("exception", "")).strip().splitlines()[-1][:200]
+        for broker in brokers
+        for line in broker.log_lines()
+        if line.get("message") == "unhandled error"
+    )
 
 
 def _timed(broker: BrokerProcess, key: str, body: dict[str, Any]) -> tuple[int, float]:
