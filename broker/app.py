@@ -22,7 +22,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from broker import admin, http, pages
-from broker.cache import TokenCache, connect_redis
+from broker.cache import EntraRedisCredentials, TokenCache, connect_redis
 from broker.callers import CallerRegistry
 from broker.config import Settings
 from broker.crypto import Sealer, parse_key
@@ -37,7 +37,7 @@ from broker.onboarding import ConsentRecorder, MemoryConsentRecorder, Onboarding
 from broker.service import TokenBroker
 from broker.tenants import TenantRegistry, TenantResolver, Tenants, TenantSweep
 from broker.tls import ReloadingServerContext, build_ca_bundle
-from broker.vault import CredentialStore
+from broker.vault import CredentialStore, _build_azure_credential
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,14 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
             # Start anyway: /readyz reports it and requests answer 502 until a reload succeeds.
             log.error("credentials not loaded at start", extra={"reason": exc.description})  # noqa: TRY400 - no traceback: it could quote a secret source
         redis_options = settings.redis_options()
-        redis = connect_redis(redis_options) if redis_options else None
+        redis_credentials = entra_redis_credentials(settings, ca_bundle) if redis_options else None
+        redis = connect_redis(redis_options, credentials=redis_credentials) if redis_options else None
         sealer = await _load_sealer(credentials) if redis is not None else None
         if redis_options is None:
             log.warning("no redis_url: tokens are cached in this process only (not shared by replicas)")
-        cache = TokenCache(metrics, settings.cache_options(), redis=redis, sealer=sealer)
+        cache = TokenCache(
+            metrics, settings.cache_options(), redis=redis, sealer=sealer, credentials=redis_credentials
+        )
         if redis is not None and sealer is None:
             # Start degraded rather than crash: L1 only until the key loads (/readyz says so).
             supervisor.start("cache_key", lambda: _attach_sealer(credentials, cache), until_done=True)
@@ -172,6 +175,8 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         if redis is not None:
             supervisor.start("purge_listener", cache.listen_for_purges)
             supervisor.start("offboard_listener", lambda: cache.listen_for_offboarding(tenants.forget))
+        if redis_credentials is not None:
+            supervisor.start("redis_credentials", cache.keep_credentials_renewed)
         try:
             yield
         finally:
@@ -182,6 +187,17 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
             await broker.close()
             entra.close()
             await cache.close()
+
+
+def entra_redis_credentials(settings: Settings, ca_bundle: str | None) -> EntraRedisCredentials | None:
+    """With ``redis_auth: entra``, Redis AUTH tokens from the broker's own Azure identity (the same
+    ``azure_credential`` choice and CA bundle as for Key Vault); the caller closes it."""
+    if settings.redis_auth != "entra":
+        return None
+    transport: dict[str, str] = {"connection_verify": ca_bundle} if ca_bundle else {}
+    return EntraRedisCredentials(
+        _build_azure_credential(settings.azure_credential, transport), settings.redis_username
+    )
 
 
 async def _load_sealer(credentials: CredentialStore) -> Sealer | None:

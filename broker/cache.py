@@ -1,16 +1,22 @@
 """Everything the broker keeps: L1 in process, Redis shared by every replica, and the lease.
 
-This is the only module that imports ``redis``: the client factory (``connect_redis``), every key
-name (``_Names``), the token cache, the lease, remembered failures, throttles, the purge broadcast
-and its listener all live here, so Cluster, Sentinel, TLS or Entra authentication change one place.
+This is the only module that imports ``redis``: the client factory (``connect_redis``: standalone,
+Cluster or Sentinel, with TLS, ACL passwords or Entra ID tokens), every key name (``_Names``), the
+token cache, the lease, remembered failures, throttles, the purge broadcast and its listener all live
+here. Entra ID authentication (``EntraRedisCredentials``) takes tokens from the broker's own
+azure-identity credential (an azure-core ``AsyncTokenCredential``, built in ``app.py``) and translates
+azure-core's errors into redis-py's ``AuthenticationError``; it imports no Azure SDK client.
 
 Redis is semi-trusted: everything read back from it is authenticated or bounded. Tokens and
 remembered failures are AES-GCM ciphertext bound to their key name (``crypto.py``); a throttle's TTL
-is clamped; a lease without a TTL is replaced. Decided failure mode: Redis fails *open*. A connection
-error is logged, counted (``broker_redis_errors_total``) and the request carries on from L1 or by
-acquiring directly; after one Redis is skipped for a short back-off so requests do not each pay the
-timeout while it is down. A bad value under one key (wrong type, does not open) is that key's miss,
-never an outage.
+is clamped; a lease without a TTL is replaced. Decided failure mode: Redis fails *open*. The client
+retries a dropped connection itself; what still fails is logged, counted by reason
+(``broker_redis_failures_total``) and that request carries on from L1 or by acquiring directly. One
+key's failure (a wrong type, ``MOVED``, ``READONLY``, ``NOPERM``, one lost connection) never pauses
+other keys; only when Redis looks down (several calls in a row cannot reach it, or calls keep timing
+out) is it skipped for a short back-off, so requests do not each pay the timeout. A lease is released
+and a fresh token stored even then. A bad value under one key (wrong type, does not open) is that
+key's miss, never an outage.
 
 Key names share one hash tag per (app, tenant) so a key's token, lease, failure and throttle land in
 one Redis Cluster slot: ``tb:v1:{kind}:{app|tenant}[:resource]``.
@@ -24,8 +30,11 @@ the re-validation sweep's lease, and offboarding with its broadcast.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
 import enum
+import functools
 import json
 import logging
 import secrets
@@ -33,20 +42,41 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
+import redis as redis_package
+from azure.core.exceptions import AzureError
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.asyncio.sentinel import Sentinel
+from redis.auth.token import SimpleToken
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.crc import key_slot
+from redis.credentials import CredentialProvider
+from redis.exceptions import (
+    AskError,
+    AuthenticationError,
+    AuthorizationError,
+    MaxConnectionsError,
+    NoPermissionError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    WatchError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker.config import DOMAIN_RE, GUID_RE
+from broker.config import DOMAIN_RE, GUID_RE, read_env_secret
 from broker.errors import BrokerError, SealError, SharedCacheError, error_from_body, remembered_body
 from broker.tokens import AccessToken, TokenKey
 
 if TYPE_CHECKING:
+    from azure.core.credentials_async import AsyncTokenCredential
+
     from broker.config import CacheOptions, RedisOptions
     from broker.crypto import Sealer
     from broker.metrics import Metrics
@@ -76,6 +106,11 @@ end
 return 0
 """
 REDIS_BACKOFF_SECONDS = 1.0
+# Calls in a row that failed to reach Redis (after the client's retries) before it counts as down.
+REDIS_DOWN_AFTER_FAILURES = 3
+# /readyz's write probe: keys that expire on their own, in slots spread over the whole slot space.
+PROBE_TTL_MS = 10_000
+_PROBE_SLOTS = 8
 # A throttle read back from Redis is honoured for at most this long (Entra's Retry-After is seconds
 # to minutes; a value of years is an intruder's or a bug's).
 MAX_THROTTLE_SECONDS = 300.0
@@ -136,6 +171,17 @@ _REMOVED_AS = {
 }
 
 
+@functools.cache
+def _probe_names() -> tuple[str, ...]:
+    names: dict[int, str] = {}
+    tag = 0
+    while len(names) < _PROBE_SLOTS:
+        name = f"{_PREFIX}:probe:{{{tag}}}"
+        names.setdefault(key_slot(name.encode()) * _PROBE_SLOTS // 16384, name)
+        tag += 1
+    return tuple(names[part] for part in sorted(names))
+
+
 class _Names:
     """Every Redis key name the broker uses."""
 
@@ -163,6 +209,12 @@ class _Names:
     def once(scope: str, name: str) -> str:
         """A single-use marker (an onboarding ``state``'s id): set once, never read back."""
         return f"{_PREFIX}:once:{scope}:{name}"
+
+    @staticmethod
+    def probes() -> tuple[str, ...]:
+        """``/readyz``'s probe keys: one in each of ``_PROBE_SLOTS`` equal parts of the 16,384 hash
+        slots, so that every node of a Cluster (read as one server by mistake) owns some of them."""
+        return _probe_names()
 
     @staticmethod
     def tenant_patterns(tenant: str) -> list[str]:
@@ -197,25 +249,245 @@ class _Names:
         return f"{_PREFIX}:sweep"
 
 
-def connect_redis(options: RedisOptions, *, read_timeout: bool = True) -> Redis:
-    """The one place Redis clients are built (cache, purge listener, CLI).
+RedisClient: TypeAlias = Redis | RedisCluster
+# The scope Azure Cache for Redis and Azure Managed Redis accept tokens for (Entra ID authentication).
+ENTRA_REDIS_SCOPE = "https://redis.azure.com/.default"
+# Connection errors are retried this many times, with jittered exponential backoff, on every command:
+# a connection the server dropped (idle timeout, failover, CLIENT KILL, maintenance) costs a reconnect,
+# not a failed command. Timeouts are not retried (outside cluster mode): a frozen server must cost one
+# timeout, not three.
+REDIS_RETRIES = 2
+# Pools are sized max_connections + this: the purge listener holds one connection for good (two while
+# it moves to a freshly authenticated one), and the cache's own calls are bounded by max_connections.
+_POOL_HEADROOM = 2
+# Renew the Entra token this long before it expires (at most a third of its lifetime); azure-identity
+# hands out a new token only within five minutes of the old one's expiry.
+ENTRA_RENEW_MARGIN_SECONDS = 240.0
+ENTRA_RETRY_MIN_SECONDS = 1.0
 
-    A bounded pool: a burst of requests queues for one of ``max_connections`` connections instead
-    of opening hundreds at once (each with its handshake). A connection the server dropped (idle
-    timeout, failover) fails its first command unless the client retries: one retry on connection
-    errors, quickly, never on timeouts (a frozen server must cost one timeout, not two).
-    ``read_timeout=False`` for a subscriber, which waits by design.
+
+def _retry() -> Retry:
+    return Retry(
+        ExponentialWithJitterBackoff(cap=0.25, base=0.02),
+        REDIS_RETRIES,
+        supported_errors=(RedisConnectionError,),
+    )
+
+
+def connect_redis(
+    options: RedisOptions, *, read_timeout: bool = True, credentials: EntraRedisCredentials | None = None
+) -> RedisClient:
+    """The one place Redis clients are built (cache, purge listener, CLI), for every mode.
+
+    ``standalone``: one server (or a proxy). ``cluster``: ``RedisCluster``, which follows MOVED/ASK
+    and keeps one bounded pool per node. ``sentinel``: the master the sentinels name, re-asked after a
+    failover (a demoted master's ``READONLY`` drops the connection, and the retry finds the new one).
+    Each with TLS (``redis_ca_file``, client certificate), and ``credentials`` (Entra tokens) or the
+    URL's password or ``redis_password``. Connections are opened within the connect timeout (TCP, TLS
+    handshake, AUTH) and commands answered within the command timeout; ``read_timeout=False`` for a
+    subscriber, which waits by design.
     """
+    kwargs: dict[str, Any] = {
+        "socket_timeout": options.timeout_seconds if read_timeout else None,
+        "socket_connect_timeout": options.connect_timeout_seconds,
+        "retry": _retry(),
+        **_tls_arguments(options),
+    }
+    provider: CredentialProvider | None = credentials or _password_provider(options)
+    if provider is not None:
+        kwargs["credential_provider"] = provider
+    max_connections = options.max_connections + _POOL_HEADROOM
+    if options.mode == "cluster":
+        # No health_check_interval: the cluster client checks nodes itself and retries on its level.
+        return RedisCluster.from_url(options.url, max_connections=max_connections, **kwargs)
+    kwargs["health_check_interval"] = 30
+    if options.mode == "sentinel":
+        url_arguments: dict[str, Any] = dict(parse_url(options.url))
+        for ignored in ("host", "port", "path"):
+            url_arguments.pop(ignored, None)  # the sentinels name the master
+        if url_arguments.pop("connection_class", None) is SSLConnection:
+            url_arguments["ssl"] = True
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(options.sentinels),
+            sentinel_kwargs={
+                "socket_timeout": options.timeout_seconds,
+                "socket_connect_timeout": options.connect_timeout_seconds,
+                "retry": _retry(),
+            },
+        )
+        client: Redis = sentinel.master_for(
+            options.sentinel_service or "",
+            max_connections=max_connections,
+            **url_arguments,
+            **kwargs,
+        )
+        return client
     pool = BlockingConnectionPool.from_url(
-        options.url,
-        max_connections=options.max_connections,
-        timeout=options.pool_timeout_seconds,
-        socket_timeout=options.timeout_seconds if read_timeout else None,
-        socket_connect_timeout=options.timeout_seconds,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), 1, supported_errors=(RedisConnectionError,)),
+        options.url, max_connections=max_connections, timeout=options.pool_timeout_seconds, **kwargs
     )
     return Redis.from_pool(pool)
+
+
+def _tls_arguments(options: RedisOptions) -> dict[str, Any]:
+    """redis-py's TLS arguments: the broker's outbound CA does not reach it, so the CA is explicit."""
+    tls: dict[str, Any] = {}
+    if options.ca_file is not None:
+        tls["ssl_ca_certs"] = str(options.ca_file)
+    if options.client_cert_file is not None and options.client_key_file is not None:
+        tls["ssl_certfile"] = str(options.client_cert_file)
+        tls["ssl_keyfile"] = str(options.client_key_file)
+    return tls
+
+
+def _password_provider(options: RedisOptions) -> CredentialProvider | None:
+    if options.password_env is None and options.password_file is None:
+        return None
+    return _PasswordSource(options.username, options.password_env, options.password_file)
+
+
+class _PasswordSource(CredentialProvider):
+    """An ACL user's password from an environment variable or a mounted file, read at every new
+    connection: a rotated file (a Secret or the Key Vault CSI driver) is picked up without a restart."""
+
+    def __init__(self, username: str | None, env: str | None, file: Path | None) -> None:
+        self._username = username
+        self._env = env
+        self._file = file
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        raise NotImplementedError("the broker builds asyncio clients only")
+
+    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
+        if self._env is not None:
+            password = read_env_secret(self._env)
+        else:
+            try:
+                text = await asyncio.to_thread(Path(str(self._file)).read_text, encoding="utf-8")
+                password = text.strip()
+            except OSError as exc:
+                raise AuthenticationError(f"cannot read redis_password.file: {exc.strerror}") from None
+        if not password:
+            raise AuthenticationError("redis_password is empty")
+        return (self._username, password) if self._username else (password,)
+
+
+class EntraRedisCredentials(CredentialProvider):
+    """AUTH for Azure Cache for Redis / Azure Managed Redis with Entra ID: the username is the
+    identity's object id (the token's ``oid``, or ``redis_username``), the password an Entra token
+    for ``https://redis.azure.com/.default`` from the broker's own azure-identity credential.
+
+    Azure closes a connection whose token expired unless it sent ``AUTH`` with a fresh one, so
+    ``keep_renewed`` fetches the next token ahead of expiry and re-authenticates every live pooled
+    connection (idle ones at once, busy ones when they are returned to their pool); the purge listener
+    moves to a freshly authenticated subscription (RESP2 allows no AUTH on a subscribed connection).
+    Not ``redis-entraid``: it takes tokens from the *synchronous* azure-identity credentials (blocking
+    HTTP on the event loop), not the broker's own pinned credential and CA, and redis-py re-authenticates
+    a pub/sub connection only over RESP3.
+    """
+
+    def __init__(self, credential: AsyncTokenCredential, username: str | None = None) -> None:
+        self._credential = credential
+        self._username = username
+        self._token: SimpleToken | None = None
+        self._lock = asyncio.Lock()
+        self.generation = 0  # bumped at every new token (the purge listener resubscribes)
+        self.last_error: str | None = None
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        raise NotImplementedError("the broker builds asyncio clients only")
+
+    async def close(self) -> None:
+        """Close the azure-identity credential (it holds an HTTP session)."""
+        await self._credential.close()
+
+    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
+        token = self._token
+        if token is None or token.ttl() <= ENTRA_RETRY_MIN_SECONDS * 1000:
+            token = await self._renew(token)
+        return token.try_get("oid"), token.get_value()
+
+    @property
+    def renew_at(self) -> float:
+        """Epoch seconds at which the current token should be replaced (0: there is none)."""
+        token = self._token
+        if token is None:
+            return 0.0
+        lifetime = (token.get_expires_at_ms() - token.get_received_at_ms()) / 1000
+        return token.get_expires_at_ms() / 1000 - min(ENTRA_RENEW_MARGIN_SECONDS, lifetime / 3)
+
+    async def _renew(self, seen: SimpleToken | None) -> SimpleToken:
+        """A token newer than ``seen`` (one fetch for any number of concurrent callers)."""
+        async with self._lock:
+            if self._token is not None and self._token is not seen:
+                return self._token
+            try:
+                access = await self._credential.get_token(ENTRA_REDIS_SCOPE)
+            except AzureError as exc:
+                # The class name only: azure-identity's messages can quote responses.
+                self.last_error = f"Entra token for Redis: {type(exc).__name__}"
+                raise AuthenticationError(self.last_error) from None
+            username = self._username or _token_claim(access.token, "oid")
+            if not username:
+                self.last_error = "the Entra token names no oid: set redis_username to the object id"
+                raise AuthenticationError(self.last_error)
+            now_ms = time.time() * 1000
+            token = SimpleToken(access.token, access.expires_on * 1000, now_ms, {"oid": username})
+            if self._token is None or token.get_expires_at_ms() > self._token.get_expires_at_ms():
+                self._token = token
+                self.generation += 1
+            self.last_error = None
+            return self._token
+
+    async def keep_renewed(self, client: RedisClient, metrics: Metrics) -> None:
+        """Replace the token ahead of its expiry and AUTH every live connection with the new one;
+        runs until cancelled (under the app's supervisor). A failed renewal is retried with backoff
+        while the current token lasts; after that, new connections fail and /readyz says why."""
+        delay = ENTRA_RETRY_MIN_SECONDS
+        while True:
+            wait = self.renew_at - time.time()
+            if self._token is not None and wait > 0:
+                await asyncio.sleep(wait)
+            current = self._token
+            try:
+                token = await self._renew(current)
+            except AuthenticationError:
+                metrics.redis_failures.labels(reason="auth").inc()
+                log.warning("cannot renew the Entra token for Redis", extra={"reason": self.last_error})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            delay = ENTRA_RETRY_MIN_SECONDS
+            if token is current:
+                # The credential handed back the same token (its own cache): ask again a little later.
+                await asyncio.sleep(max(ENTRA_RETRY_MIN_SECONDS, (token.ttl() / 1000) / 4))
+                continue
+            await _re_authenticate(client, token, metrics)
+
+
+async def _re_authenticate(client: RedisClient, token: SimpleToken, metrics: Metrics) -> None:
+    """``AUTH`` every pooled connection of ``client`` (every node's in cluster mode) with ``token``."""
+    pools: list[Any] = client.get_nodes() if isinstance(client, RedisCluster) else [client.connection_pool]
+    for pool in pools:
+        try:
+            await pool.re_auth_callback(token)
+        except (RedisError, OSError) as exc:
+            # That pool's idle connections go: new ones authenticate with the new token.
+            metrics.redis_failures.labels(reason=_failure_reason(exc)).inc()
+            log.warning("redis re-authentication failed", extra={"reason": type(exc).__name__})
+            with contextlib.suppress(RedisError, OSError):
+                await pool.disconnect(inuse_connections=False)
+    log.info("redis connections re-authenticated with a renewed Entra token")
+
+
+def _token_claim(token: str, claim: str) -> str | None:
+    """A claim of our own identity's token, read without verification (it came from Entra over TLS)."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return None
+    value = claims.get(claim) if isinstance(claims, dict) else None
+    return value if isinstance(value, str) else None
 
 
 class TokenCache:
@@ -226,7 +498,13 @@ class TokenCache:
     """
 
     def __init__(
-        self, metrics: Metrics, options: CacheOptions, *, redis: Redis | None, sealer: Sealer | None
+        self,
+        metrics: Metrics,
+        options: CacheOptions,
+        *,
+        redis: RedisClient | None,
+        sealer: Sealer | None,
+        credentials: EntraRedisCredentials | None = None,
     ) -> None:
         if sealer is not None and redis is None:
             raise ValueError("a sealer needs Redis")
@@ -234,6 +512,11 @@ class TokenCache:
         self._options = options
         self._redis = redis
         self._sealer = sealer
+        self._credentials = credentials
+        # The cache's concurrent Redis calls wait here for their turn: a burst queues instead of
+        # opening a connection each (a cluster node's pool and a sentinel pool refuse, not queue).
+        self._calls = asyncio.Semaphore(options.redis_max_concurrent_calls)
+        self._failures_in_a_row = 0
         self._l1: OrderedDict[TokenKey, AccessToken] = OrderedDict()
         # key -> (monotonic end, body): only the body-sized fields, never an exception object.
         self._failures: OrderedDict[TokenKey, tuple[float, dict[str, Any]]] = OrderedDict()
@@ -241,7 +524,7 @@ class TokenCache:
         self._claimed: OrderedDict[str, float] = OrderedDict()  # single-use markers -> monotonic end
         self._redis_down_until = 0.0
         self._failing_since: float | None = None  # first timeout since the last success
-        self.redis_last_error: str | None = None
+        self.redis_last_error: str | None = None  # "operation: REASON" of the last failure, for /readyz
 
     @property
     def shared(self) -> bool:
@@ -266,6 +549,8 @@ class TokenCache:
     async def close(self) -> None:
         if self._redis is not None:
             await self._redis.aclose()
+        if self._credentials is not None:
+            await self._credentials.close()
 
     # --- L1 ---------------------------------------------------------------------------------
 
@@ -301,7 +586,7 @@ class TokenCache:
             return Lookup(failure=self._remembered_locally(key), throttled_seconds=local_throttle)
         names = (_Names.token(key), _Names.failure(key), _Names.throttle(key))
 
-        async def pipeline(redis: Redis) -> list[Any]:
+        async def pipeline(redis: RedisClient) -> list[Any]:
             async with redis.pipeline(transaction=False) as pipe:
                 pipe.get(names[0])
                 pipe.get(names[1])
@@ -312,8 +597,9 @@ class TokenCache:
         if isinstance(results, _Down):
             self._metrics.cache_lookups.labels(layer="redis", result="error").inc()
             return Lookup(failure=self._remembered_locally(key), throttled_seconds=local_throttle)
-        if any(isinstance(result, Exception) for result in results):
-            self._metrics.redis_errors.inc()  # a wrong-type key, say: that key's miss, not an outage
+        for result in results:
+            if isinstance(result, Exception):  # a wrong-type key, say: that key's miss, not an outage
+                self._record_failure("lookup", result)
         blob, failure_blob, throttle_ms = results
         token = self._open_token(names[0], blob)
         failure = self._open_failure(names[1], failure_blob)
@@ -406,13 +692,34 @@ class TokenCache:
         return len(keys)
 
     async def ping(self) -> bool:
-        """Whether Redis answers (``True`` without Redis); ends any back-off, for /readyz."""
+        """Whether Redis takes a write (``True`` without Redis); ends any back-off, for /readyz.
+
+        A real write, not PING: a demoted master (``READONLY``), a plain client on a Cluster
+        (``MOVED``), a rejected token or password and a missing ACL permission all answer PING. The
+        probe writes one short-lived key in each of several hash slots spread over the slot space, so
+        a Cluster read as one server answers MOVED for some of them. ``redis_last_error`` says why.
+        """
         if self._redis is None:
+            self._metrics.redis_probe_ok.set(1)  # nothing to fail
             return True
         self._redis_down_until = 0.0
-        return not isinstance(
-            await self._guarded("ping", lambda redis: redis.ping(), even_backing_off=True), _Down
-        )
+
+        async def probe(redis: RedisClient) -> list[Any]:
+            async with redis.pipeline(transaction=False) as pipe:
+                for name in _Names.probes():
+                    pipe.set(name, b"1", px=PROBE_TTL_MS)
+                return list(await pipe.execute(raise_on_error=False))
+
+        results = await self._guarded("probe", probe, even_backing_off=True)
+        if isinstance(results, _Down):
+            ok = False
+        else:
+            failed = [result for result in results if isinstance(result, Exception)]
+            for result in failed[:1]:
+                self._record_failure("probe", result)
+            ok = not failed
+        self._metrics.redis_probe_ok.set(1 if ok else 0)
+        return ok
 
     async def listen_for_purges(self) -> None:
         """Apply every purge broadcast (any replica, the CLI) to this process; runs until cancelled.
@@ -423,49 +730,94 @@ class TokenCache:
         if self._redis is None:
             return
         try:
-            async with self._redis.pubsub() as pubsub:
-                await pubsub.subscribe(PURGE_CHANNEL)
+            if isinstance(self._redis, RedisCluster):
+                await self._redis.initialize()  # its pub/sub needs the slot map first
+            pubsub = await self._subscribe()
+            try:
+                generation = self._credentials.generation if self._credentials else 0
+                # With Entra tokens, look for a renewed one every second (a token's renewal margin is
+                # minutes); otherwise the wait only bounds how long a cancellation takes.
+                poll_seconds = 1.0 if self._credentials else 5.0
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    if self._credentials is not None and self._credentials.generation != generation:
+                        # A renewed Entra token: move to a connection authenticated with it before
+                        # the old token expires. Subscribe first, then leave: no gap (a purge seen
+                        # twice is applied twice, harmlessly).
+                        generation = self._credentials.generation
+                        fresh = await self._subscribe()
+                        pubsub, old = fresh, pubsub
+                        with contextlib.suppress(RedisError, OSError):
+                            await old.aclose()
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=poll_seconds)
                     if message is None or message.get("type") != "message":
                         continue
                     tenant = bytes(message["data"])[:256].decode(errors="replace")
                     dropped = self.purge_local(tenant)
                     log.info("purge broadcast received", extra={"tenant": tenant, "dropped": dropped})
-        except (RedisError, OSError) as exc:
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+        except (RedisError, OSError, RuntimeError, AttributeError) as exc:
+            if isinstance(exc, RuntimeError | AttributeError) and not _raised_by_client(exc):
+                raise  # ours: the supervisor logs it with its traceback
+            self._record_failure("subscribe", exc, count=False)
             log.warning("purge listener lost Redis; restarting", extra={"reason": type(exc).__name__})
+
+    async def _subscribe(self) -> Any:
+        assert self._redis is not None  # noqa: S101 - checked by the caller
+        pubsub: Any = self._redis.pubsub()  # PubSub | ClusterPubSub: the same surface here
+        try:
+            await pubsub.subscribe(PURGE_CHANNEL)
+        except BaseException:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()
+            raise
+        return pubsub
+
+    async def keep_credentials_renewed(self) -> None:
+        """Renew the Entra token for Redis and re-authenticate live connections (supervised)."""
+        if self._credentials is not None and self._redis is not None:
+            await self._credentials.keep_renewed(self._redis, self._metrics)
 
     # --- internals --------------------------------------------------------------------------
 
-    def _redis_usable(self) -> Redis | None:
+    def _redis_usable(self) -> RedisClient | None:
         if self._sealer is None or time.monotonic() < self._redis_down_until:
             return None  # no Redis, no cache key yet (nothing may be stored unsealed), or backing off
         return self._redis
 
     async def _guarded(
-        self, operation: str, call: Callable[[Redis], Awaitable[T]], *, even_backing_off: bool = False
+        self, operation: str, call: Callable[[RedisClient], Awaitable[T]], *, even_backing_off: bool = False
     ) -> T | _Down:
         """Run one Redis call under the fail-open rule.
 
-        ``DOWN`` when Redis is unusable or the call fails; then Redis is skipped for
-        ``REDIS_BACKOFF_SECONDS`` when it is down: a connection error, or timeouts for that long
-        with no success in between. A timeout before that is ``SLOW`` (that call only: on a loaded
-        host the event loop, not Redis, is late, and a burst waits for pooled connections), and a
-        command error (a wrong-type key, say) concerns that key only. Every failure is logged and
-        counted."""
+        The client already retried connection errors (a dropped connection costs a reconnect). What
+        still fails is ``DOWN`` for this call only: a command error (a wrong-type key, ``MOVED``,
+        ``READONLY``, ``NOPERM``) concerns that key, and one failed connection does not pause
+        unrelated keys. Redis is skipped for ``REDIS_BACKOFF_SECONDS`` only once it looks down:
+        ``REDIS_DOWN_AFTER_FAILURES`` calls in a row failed to connect, or calls kept timing out for
+        that long with no success in between. A timeout before that is ``SLOW`` (that call only: on a
+        loaded host the event loop, not Redis, is late, and a burst waits for pooled connections).
+        Every failure is logged and counted by reason."""
         redis = self._redis if even_backing_off else self._redis_usable()
         if redis is None:
             return DOWN
         try:
-            result = await call(redis)
+            async with asyncio.timeout(self._options.redis_wait_seconds):
+                await self._calls.acquire()
+        except TimeoutError:
+            self._record_failure(operation, MaxConnectionsError("no connection available"))
+            return SLOW
+        try:
+            result = await _call(call, redis)
         except ResponseError as exc:
-            self._metrics.redis_errors.inc()
+            self._record_failure(operation, exc)
             log.warning(
-                "redis refused a command", extra={"operation": operation, "reason": type(exc).__name__}
+                "redis refused a command", extra={"operation": operation, "reason": _failure_reason(exc)}
             )
             return DOWN
         except (RedisError, OSError) as exc:
-            self._metrics.redis_errors.inc()
+            self._record_failure(operation, exc)
             now = time.monotonic()
             if _is_slow(exc):
                 if self._failing_since is None:
@@ -473,16 +825,35 @@ class TokenCache:
                 if now - self._failing_since < REDIS_BACKOFF_SECONDS:
                     log.warning("redis call timed out", extra={"operation": operation})
                     return SLOW
+            else:
+                self._failures_in_a_row += 1
+                if self._failures_in_a_row < REDIS_DOWN_AFTER_FAILURES:
+                    log.warning(
+                        "redis call failed", extra={"operation": operation, "reason": _failure_reason(exc)}
+                    )
+                    return DOWN
             self._redis_down_until = now + REDIS_BACKOFF_SECONDS
-            self.redis_last_error = f"{operation}: {type(exc).__name__}"
             log.warning(
                 "redis unavailable, failing open",
-                extra={"operation": operation, "reason": type(exc).__name__},
+                extra={"operation": operation, "reason": _failure_reason(exc)},
             )
             return DOWN
+        finally:
+            self._calls.release()
         self.redis_last_error = None
         self._failing_since = None
+        self._failures_in_a_row = 0
         return result
+
+    def _record_failure(self, operation: str, exc: BaseException, *, count: bool = True) -> None:
+        """Count a failure by reason and keep it for /readyz (class and reason only: redis-py's
+        messages can quote the URL, and so its password)."""
+        reason = _failure_reason(exc)
+        if count:
+            self._metrics.redis_errors.inc()
+        self._metrics.redis_failures.labels(reason=reason).inc()
+        detail = self._credentials.last_error if reason == "auth" and self._credentials else None
+        self.redis_last_error = f"{operation}: {reason} ({detail or type(exc).__name__})"
 
     def _open(self, name: str, blob: Any) -> dict[str, Any] | None:
         """A sealed JSON object read from ``name``; ``None`` (counted, logged) when it is not one."""
@@ -589,7 +960,7 @@ class TokenCache:
         name, ttl_ms = _Names.domain(domain), int(ttl_seconds * 1000)
         sealed = self._sealer.seal(json.dumps({"tenant": tenant}).encode(), name.encode())
 
-        async def write(redis: Redis) -> list[Any]:
+        async def write(redis: RedisClient) -> list[Any]:
             async with redis.pipeline(transaction=False) as pipe:
                 pipe.set(name, sealed, px=ttl_ms)
                 if tenant is not None:
@@ -617,7 +988,7 @@ class TokenCache:
         sealer, name = self._sealer, _Names.registry(tenant)
         wanted = list(fields)
 
-        async def transact(redis: Redis) -> dict[str, dict[str, Any] | None] | None:
+        async def transact(redis: RedisClient) -> dict[str, dict[str, Any] | None] | None:
             async with redis.pipeline(transaction=True) as pipe:
                 for _ in range(REGISTRY_WRITE_ATTEMPTS):
                     try:
@@ -658,7 +1029,7 @@ class TokenCache:
             return None
         names = [_Names.registry(tenant) for tenant in tenants]
 
-        async def read(redis: Redis) -> list[Any]:
+        async def read(redis: RedisClient) -> list[Any]:
             async with redis.pipeline(transaction=False) as pipe:
                 for name in names:
                     pipe.hgetall(name)
@@ -802,27 +1173,87 @@ class TokenCache:
             log.warning("offboarding listener lost Redis; restarting", extra={"reason": type(exc).__name__})
 
 
+_CLIENT_DIR = str(Path(redis_package.__file__).parent)
+
+
+async def _call(call: Callable[[RedisClient], Awaitable[T]], redis: RedisClient) -> T:
+    """``call(redis)``, once more when the client failed inside its own code.
+
+    redis-py's Cluster client, meeting a connection that the server dropped while another task was
+    using the node, raises ``RuntimeError`` (uvloop: a write on a closed transport) or
+    ``AttributeError`` (a writer already torn down) instead of ``ConnectionError``: its retry never
+    sees them. The cache's calls are idempotent (reads, SET, the re-entrant lease, compare-and-delete,
+    PUBLISH), so one more try on a fresh connection is safe; a second such failure is a connection
+    error (fail open), never an unhandled 500.
+    """
+    for attempt in range(2):
+        try:
+            return await call(redis)
+        except (RuntimeError, AttributeError) as exc:
+            if not _raised_by_client(exc):
+                raise
+            if attempt:
+                raise RedisConnectionError(f"redis client failure ({type(exc).__name__})") from None
+            log.debug("redis client failure; retrying", extra={"reason": type(exc).__name__})
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _raised_by_client(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of redis-py's own code (raised there, or below it in asyncio's streams
+    and the event loop it calls), not out of ours."""
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code.co_filename.startswith(_CLIENT_DIR):
+            return True
+        frame = frame.tb_next
+    return False
+
+
 def _is_slow(exc: BaseException) -> bool:
     """A timeout, or no pooled connection free in time: lateness, not (yet) an outage."""
-    return isinstance(exc, RedisTimeoutError) or (
+    return isinstance(exc, RedisTimeoutError | MaxConnectionsError) or (
         isinstance(exc, RedisConnectionError) and "No connection available" in str(exc)
     )
 
 
-async def purge_tenant(options: RedisOptions, tenant: str) -> tuple[int, int]:
+def _failure_reason(exc: BaseException) -> str:
+    """A bounded label for a Redis failure: what an operator must fix differs for each."""
+    if isinstance(exc, AskError):
+        return "moved"  # a Cluster read as one server (redis_mode: cluster)
+    if isinstance(exc, ReadOnlyError):
+        return "readonly"  # a replica or a demoted master (redis_mode: sentinel)
+    if isinstance(exc, AuthenticationError | AuthorizationError):
+        return "auth"
+    if isinstance(exc, NoPermissionError):
+        return "noperm"  # the ACL lacks a command or key pattern (README: the minimal ACL)
+    if isinstance(exc, ResponseError):
+        return "command"
+    if _is_slow(exc):
+        return "timeout" if isinstance(exc, RedisTimeoutError) else "pool"
+    return "connection"
+
+
+async def purge_tenant(
+    options: RedisOptions, tenant: str, *, credentials: EntraRedisCredentials | None = None
+) -> tuple[int, int]:
     """Delete every entry of ``tenant`` from Redis (tokens, leases, failures, throttles), then tell
-    every replica to drop its in-process copies. Returns (entries removed, replicas notified)."""
+    every replica to drop its in-process copies. Returns (entries removed, replicas notified).
+
+    In cluster mode the scan covers every primary, and the listeners counted are those subscribed on
+    every node (``PUBSUB NUMSUB`` per node, summed: ``PUBLISH`` answers for one node only, although
+    the message reaches all of them)."""
     tenant = tenant.lower()
-    redis = connect_redis(options)
+    redis = connect_redis(options, credentials=credentials)
     try:
         names: list[Any] = []
         for pattern in _Names.tenant_patterns(tenant):
             names.extend([name async for name in redis.scan_iter(match=pattern, count=1000)])
         removed = int(await redis.delete(*names)) if names else 0
-        notified = int(await redis.publish(PURGE_CHANNEL, tenant))
+        published = int(await redis.publish(PURGE_CHANNEL, tenant))
+        notified = await _subscribers(redis) if isinstance(redis, RedisCluster) else published
     except (RedisError, OSError) as exc:
-        # The class name only: redis-py's messages can quote the URL (and its password).
-        raise SharedCacheError(type(exc).__name__) from None
+        # The reason and class name only: redis-py's messages can quote the URL (and its password).
+        raise SharedCacheError(f"{_failure_reason(exc)} ({type(exc).__name__})") from None
     finally:
         await redis.aclose()
     return removed, notified
@@ -847,3 +1278,20 @@ def _offboard_message(data: bytes) -> tuple[str, list[str]] | None:
     if not isinstance(tenant, str) or not GUID_RE.fullmatch(tenant) or not isinstance(domains, list):
         return None
     return tenant, [d for d in domains[:64] if isinstance(d, str) and DOMAIN_RE.fullmatch(d)]
+
+
+async def _subscribers(cluster: RedisCluster) -> int:
+    """Purge listeners subscribed anywhere in the cluster."""
+    total = 0
+    for node in cluster.get_nodes():
+        counts = await cluster.execute_command("PUBSUB NUMSUB", PURGE_CHANNEL, target_nodes=node)
+        total += int(dict(_pairs(counts)).get(PURGE_CHANNEL.encode(), 0))
+    return total
+
+
+def _pairs(reply: Any) -> list[tuple[Any, Any]]:
+    """``PUBSUB NUMSUB``'s reply (a flat list, or pairs as redis-py parses it) as (channel, count)."""
+    items = list(reply)
+    if items and isinstance(items[0], tuple | list):
+        return [(channel, count) for channel, count in items]
+    return list(zip(items[::2], items[1::2], strict=True))

@@ -19,7 +19,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker import __version__
 from broker.callers import new_api_key
@@ -33,6 +33,9 @@ from broker.config import (
     read_env_secret,
 )
 from broker.errors import BrokerError, ConfigError
+
+if TYPE_CHECKING:
+    from broker.cache import EntraRedisCredentials
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
@@ -220,12 +223,14 @@ async def _tenant_guid(settings: Settings, domain: str) -> str:
         await discovery.close()
 
 
-async def _purge(options: RedisOptions, spellings: list[str]) -> tuple[int, int]:
+async def _purge(
+    options: RedisOptions, spellings: list[str], credentials: EntraRedisCredentials | None
+) -> tuple[int, int]:
     from broker.cache import purge_tenant
 
     removed = notified = 0
     for spelling in spellings:
-        count, heard = await purge_tenant(options, spelling)
+        count, heard = await purge_tenant(options, spelling, credentials=credentials)
         removed, notified = removed + count, max(notified, heard)
     return removed, notified
 
@@ -239,6 +244,9 @@ def cmd_cache_purge(args: argparse.Namespace) -> int:
     options = settings.redis_options()
     if options is None:
         raise ConfigError("redis_url is not configured: there is no shared cache to purge")
+    from broker.app import entra_redis_credentials
+    from broker.tls import build_ca_bundle
+
     spellings = [args.tenant.lower()]
     if not GUID_RE.fullmatch(args.tenant):
         # Entries are keyed by the tenant's GUID; entries under the domain itself predate that.
@@ -247,8 +255,17 @@ def cmd_cache_purge(args: argparse.Namespace) -> int:
         except BrokerError as exc:
             print(f"token-broker: cannot resolve {args.tenant}: {exc.description}", file=sys.stderr)
             return EXIT_FAILED
+
+    async def purge() -> tuple[int, int]:
+        credentials = entra_redis_credentials(settings, build_ca_bundle(settings.outbound_ca_file))
+        try:
+            return await _purge(options, spellings, credentials)
+        finally:
+            if credentials is not None:
+                await credentials.close()
+
     try:
-        removed, notified = _run(_purge(options, spellings))
+        removed, notified = _run(purge())
     except SharedCacheError as exc:
         print(f"token-broker: cannot reach Redis: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -325,6 +325,21 @@ class Settings(_Frozen):
     azure_credential: Literal["default", "workload_identity", "managed_identity", "environment"] = "default"
     outbound_ca_file: Path | None = None
     redis_url: str | None = None
+    # How the broker reaches Redis (README "Redis"): one server (or a proxy such as Azure Cache for
+    # Redis), a Redis Cluster (every node's slots), or a master found through Sentinel (failovers
+    # followed). In sentinel mode the URL gives the scheme, database and credentials; the sentinels
+    # name the master, so the URL's host and port are not used.
+    redis_mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
+    redis_sentinels: list[str] = []  # host:port of each sentinel
+    redis_sentinel_service: str | None = None  # the master's name the sentinels monitor
+    # password: the URL's or redis_password (an ACL user with redis_username); entra: a token for
+    # https://redis.azure.com/.default from the broker's own Azure identity (azure_credential).
+    redis_auth: Literal["password", "entra"] = "password"
+    redis_username: str | None = None  # ACL user; with entra, the identity's object id (default: oid)
+    redis_password: CredentialSource | None = None  # env or file: read at every new connection
+    redis_ca_file: Path | None = None  # CA that signed the server's certificate (rediss:// only)
+    redis_client_cert_file: Path | None = None  # mTLS: the broker's certificate ...
+    redis_client_key_file: Path | None = None  # ... and its private key (PEM)
     cache_encryption_key: CredentialSource | None = None
     apps: dict[str, AppSettings] = Field(min_length=1)
     callers: dict[str, CallerSettings] = Field(min_length=1)
@@ -346,7 +361,10 @@ class Settings(_Frozen):
     # Retries of throttled or failed Entra calls (exponential backoff, full jitter, Retry-After
     # honoured) stop when the next wait would end after this many seconds: the caller then gets 503.
     upstream_retry_seconds: float = Field(default=8.0, ge=0, le=60)
-    redis_timeout_seconds: float = Field(default=0.5, gt=0, le=30)
+    redis_timeout_seconds: float = Field(default=0.5, gt=0, le=30)  # one command (the read)
+    # Opening a connection: TCP, the TLS handshake and AUTH (a TLS handshake to a cloud cache over a
+    # loaded network can take longer than a command should).
+    redis_connect_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
     redis_max_connections: int = Field(default=64, ge=2, le=10_000)  # per replica
     negative_cache_seconds: float = Field(default=30.0, ge=0, le=3600)
     credential_refresh_seconds: float = Field(default=3600.0, ge=1)
@@ -380,6 +398,24 @@ class Settings(_Frozen):
             raise ValueError(problem)
         return value
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels(cls, value: list[str]) -> list[str]:
+        bad = [repr(address) for address in value if _host_port(address) is None]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: not host:port")
+        return value
+
+    @field_validator("redis_password")
+    @classmethod
+    def _redis_password(cls, value: CredentialSource | None) -> CredentialSource | None:
+        if value is not None and value.uses_key_vault:
+            raise ValueError(
+                "give {env: VAR} or {file: PATH} (a Key Vault secret can be mounted as a file by the "
+                "Secrets Store CSI driver)"
+            )
+        return value
+
     @field_validator("apps", "callers")
     @classmethod
     def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -402,16 +438,33 @@ class Settings(_Frozen):
         )
 
     def cache_options(self) -> CacheOptions:
-        return CacheOptions(l1_max_tokens=self.l1_max_tokens, local_max_entries=self.l1_max_tokens)
+        return CacheOptions(
+            l1_max_tokens=self.l1_max_tokens,
+            local_max_entries=self.l1_max_tokens,
+            redis_max_concurrent_calls=self.redis_max_connections,
+            redis_wait_seconds=max(2.0, self.redis_timeout_seconds * 4),
+        )
 
     def redis_options(self) -> RedisOptions | None:
         if not self.redis_url:
             return None
+        password = self.redis_password
         return RedisOptions(
             url=self.redis_url,
             timeout_seconds=self.redis_timeout_seconds,
             max_connections=self.redis_max_connections,
             pool_timeout_seconds=max(2.0, self.redis_timeout_seconds * 4),
+            connect_timeout_seconds=self.redis_connect_timeout_seconds,
+            mode=self.redis_mode,
+            sentinels=tuple(address for a in self.redis_sentinels if (address := _host_port(a))),
+            sentinel_service=self.redis_sentinel_service,
+            entra=self.redis_auth == "entra",
+            username=self.redis_username,
+            password_env=password.env if password is not None else None,
+            password_file=password.file if password is not None else None,
+            ca_file=self.redis_ca_file,
+            client_cert_file=self.redis_client_cert_file,
+            client_key_file=self.redis_client_key_file,
         )
 
     def entra_options(self) -> EntraOptions:
@@ -485,6 +538,9 @@ class CacheOptions:
     # Remembered failures and throttles kept in process (bounded: one caller's random tenants must
     # not grow a replica's memory).
     local_max_entries: int
+    # Redis calls in flight at once (the rest wait, at most redis_wait_seconds: then that call is late).
+    redis_max_concurrent_calls: int = 64
+    redis_wait_seconds: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,9 +548,20 @@ class RedisOptions:
     """``cache.connect_redis``: the one place Redis clients are built from."""
 
     url: str = dataclasses.field(repr=False)  # may hold a password
-    timeout_seconds: float
-    max_connections: int
+    timeout_seconds: float  # a command's reply
+    max_connections: int  # per pool (per node in cluster mode)
     pool_timeout_seconds: float  # waiting for a free pooled connection
+    connect_timeout_seconds: float = 2.0  # TCP + TLS handshake + AUTH
+    mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
+    sentinels: tuple[tuple[str, int], ...] = ()
+    sentinel_service: str | None = None
+    entra: bool = False  # AUTH with Entra tokens from the broker's own Azure identity
+    username: str | None = None
+    password_env: str | None = None  # the password is read at each new connection (rotation)
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -696,6 +763,7 @@ def _cross_field_problems(data: Mapping[str, Any]) -> list[Problem]:
             for resource in _mapping(app_map.get("required_roles"))
             if isinstance(resource, str) and allowed and normalise_resource(resource) not in allowed
         )
+    problems += _redis_problems(data)
     if not data.get("key_vault_url"):
         problems.extend(
             ("key_vault_url", f"required by {where} ({kind})")
@@ -728,6 +796,83 @@ def _cross_field_problems(data: Mapping[str, Any]) -> list[Problem]:
     return problems
 
 
+_REDIS_TLS_FILES = ("redis_ca_file", "redis_client_cert_file", "redis_client_key_file")
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``("host", port)`` of a ``host:port`` (``[v6]:port`` too), or ``None``."""
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in host):
+        return None
+    return host, int(port)
+
+
+def _redis_problems(data: Mapping[str, Any]) -> list[Problem]:
+    """The Redis settings that only make sense together (the URL's password is never quoted)."""
+    problems: list[Problem] = []
+    url = data.get("redis_url")
+    url = url if isinstance(url, str) and url else None
+    mode = data.get("redis_mode", "standalone")
+    if url is None:
+        named = ["redis_sentinels", "redis_sentinel_service", "redis_username", "redis_password"]
+        named += [key for key in _REDIS_TLS_FILES if data.get(key)]
+        named += [
+            key
+            for key, plain in (("redis_mode", "standalone"), ("redis_auth", "password"))
+            if data.get(key, plain) != plain
+        ]
+        return [(key, "needs redis_url") for key in named if data.get(key)]
+    parts = urllib.parse.urlsplit(url) if redis_url_problem(url) is None else None
+    if mode == "sentinel":
+        problems.extend(
+            (key, "required when redis_mode is sentinel")
+            for key in ("redis_sentinels", "redis_sentinel_service")
+            if not data.get(key)
+        )
+    else:
+        problems.extend(
+            (key, "only used when redis_mode is sentinel")
+            for key in ("redis_sentinels", "redis_sentinel_service")
+            if data.get(key)
+        )
+    if parts is not None and mode in ("cluster", "sentinel") and parts.scheme == "unix":
+        problems.append(("redis_url", f"a unix socket cannot reach a {mode}"))
+    if parts is not None and mode == "cluster" and parts.path not in ("", "/", "/0"):
+        problems.append(("redis_url", "Redis Cluster has database 0 only: drop the /N path or use /0"))
+    if parts is not None and parts.scheme != "rediss":
+        problems += [(key, "needs a rediss:// redis_url (TLS)") for key in _REDIS_TLS_FILES if data.get(key)]
+    if bool(data.get("redis_client_cert_file")) != bool(data.get("redis_client_key_file")):
+        problems.append(
+            ("redis_client_key_file", "give redis_client_cert_file and redis_client_key_file together")
+        )
+    url_password = parts is not None and parts.password is not None
+    uses_provider = data.get("redis_auth") == "entra" or bool(data.get("redis_password"))
+    if parts is not None and uses_provider and parts.username:
+        problems.append(("redis_url", "name the ACL user in redis_username, not in the URL"))
+    if data.get("redis_username") and not uses_provider:
+        problems.append(
+            (
+                "redis_username",
+                (
+                    "used with redis_password or redis_auth: entra (else put the "
+                    "user in redis_url: redis://USER:PASSWORD@host)"
+                ),
+            )
+        )
+    if data.get("redis_auth") == "entra":
+        if url_password or data.get("redis_password"):
+            problems.append(
+                (
+                    "redis_auth",
+                    "entra authenticates with tokens: remove the password from redis_url and redis_password",
+                )
+            )
+    elif url_password and data.get("redis_password"):
+        problems.append(("redis_password", "redis_url holds a password too: give one of them"))
+    return problems
+
+
 def _file_problem(path: Path) -> str | None:
     if not path.exists():
         return f"file {path} does not exist"
@@ -750,11 +895,13 @@ def _missing_file_problems(data: Mapping[str, Any]) -> list[Problem]:
         (f"{where}.federated.token_file", _mapping(source.get("federated")).get("token_file"))
         for where, source in _credential_sources(data)
     ]
+    named += [(key, data.get(key)) for key in _REDIS_TLS_FILES]
+    named.append(("redis_password.file", _mapping(data.get("redis_password")).get("file")))
     problems = []
     for key, value in named:
         if isinstance(value, str | Path) and str(value):
             problem = _file_problem(Path(value))
-            if problem is None and key == "outbound_ca_file":
+            if problem is None and key in ("outbound_ca_file", "redis_ca_file", "redis_client_cert_file"):
                 problem = _ca_file_problem(Path(value))
             if problem is not None:
                 problems.append((key, problem))

@@ -175,6 +175,18 @@ class Metrics:
             ["source", "outcome"],
             registry=r,
         )
+        self.redis_failures = Counter(
+            "broker_redis_failures",
+            "Failed Redis calls by reason: connection, timeout, pool, moved (a Cluster read as one "
+            "server), readonly (a replica or demoted master), auth, noperm (the ACL), command.",
+            ["reason"],
+            registry=r,
+        )
+        self.redis_probe_ok = Gauge(
+            "broker_redis_probe_ok",
+            "1 when /readyz's last write probe of Redis succeeded (or there is no Redis), 0 when it failed.",
+            registry=r,
+        )
         self.build_info = Info("broker_build", "token-broker build information.", registry=r)
         self.build_info.info({"version": __version__})
         self._children: dict[tuple[object, tuple[str, ...]], object] = {}

@@ -274,10 +274,16 @@ if kind == "rendered":
     if not cms:
         print("no ConfigMap (config.existingSecret)"); sys.exit(0)
     raw = yaml.safe_load(cms[0]["data"]["broker.yaml"])
+    # A Redis URL from redis.existingSecret reaches the pod as BROKER_REDIS_URL: stand in for it (TLS, as
+    # such URLs usually are), so the Redis settings beside it are checked as the pod will see them.
+    pods = [d for d in yaml.safe_load_all(open(path)) if d and d.get("kind") == "Deployment"]
+    env_names = {e["name"] for d in pods for c in d["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
+    environ = {"BROKER_REDIS_URL": "rediss://:secret@redis.example:6380/0"} if "BROKER_REDIS_URL" in env_names else {}
 else:  # compose: the inline config, ${VAR:-default} replaced by its default
     c = yaml.safe_load(open(path))
     text = c["configs"]["broker-config"]["content"]
     raw = yaml.safe_load(re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", text))
+    environ = {}
 tls = (raw.get("listen") or {}).get("tls")
 if tls:  # the files live in the pod's Secret mount: stand in a real pair so the rest is checked too
     import tempfile, trustme
@@ -286,7 +292,7 @@ if tls:  # the files live in the pod's Secret mount: stand in a real pair so the
     print(f"listen.tls {tls['cert_file']} {tls['key_file']}: checked with a stand-in pair")
     tls.update(cert_file=f"{tmp}/tls.crt", key_file=f"{tmp}/tls.key")
 # The other files the config names (CA, credential files) exist only inside the pod / container.
-s = parse_settings(raw, {}, check_files=False)
+s = parse_settings(raw, environ, check_files=False)
 print(f"apps={sorted(s.apps)} callers={sorted(s.callers)} listen={s.listen.host}:{s.listen.port}")
 PY
 if [[ -x "$BROKER_PY" ]] && (cd "$ROOT" && "$BROKER_PY" -c 'import broker.config') >/dev/null 2>&1; then

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -48,11 +48,18 @@ def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> Non
 
 
 class RedisServer:
-    """A throwaway redis-server bound to 127.0.0.1 on a free port, persisting nothing."""
+    """A throwaway redis-server bound to 127.0.0.1 on a free port, persisting nothing.
 
-    def __init__(self, workdir: Path) -> None:
+    ``args`` are added to its command line (cluster, replication, TLS, ACL settings); ``binary`` may
+    name another Redis-compatible server (valkey-server). The plain port always answers, so
+    ``command`` can administer a server whose clients use TLS or ACL users.
+    """
+
+    def __init__(self, workdir: Path, args: Sequence[str] = (), binary: str = "redis-server") -> None:
         self.workdir = workdir
         self.port = free_port()
+        self.args = list(args)
+        self.binary = binary
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -60,9 +67,9 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
+        binary = shutil.which(self.binary)
         if binary is None:
-            raise RuntimeError("redis-server is not installed (make install puts it there)")
+            raise RuntimeError(f"{self.binary} is not installed (make install puts it there)")
         self.process = subprocess.Popen(  # noqa: S603 - redis-server from PATH, arguments built here
             [
                 binary,
@@ -80,6 +87,7 @@ class RedisServer:
                 "warning",
                 "--enable-debug-command",
                 "local",
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -329,6 +329,18 @@ SCENARIOS = [
     ),
     ("TokenBrokerRedisErrors", {f"broker_redis_errors_total{{{_T}}}": "0+3x20"}, 12, True),
     ("TokenBrokerRedisErrors", {f"broker_redis_errors_total{{{_T}}}": "5x20"}, 12, False),
+    (
+        "TokenBrokerRedisMisconfigured",
+        {f'broker_redis_failures_total{{{_T}, reason="moved"}}': "0+6x20"},
+        16,
+        True,
+    ),
+    (  # a dropped connection is not a misconfiguration
+        "TokenBrokerRedisMisconfigured",
+        {f'broker_redis_failures_total{{{_T}, reason="connection"}}': "0+6x20"},
+        16,
+        False,
+    ),
     (  # 30 L1 hits, 70 L1 misses of which 40 hit Redis: 70 %
         "TokenBrokerCacheHitRatioLow",
         {

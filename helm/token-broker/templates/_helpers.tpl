@@ -91,6 +91,20 @@ metrics taken from containerPorts (listen.tls from tls) and outbound_ca_file fro
 {{- if include "token-broker.extraCA.enabled" . -}}
 {{- $_ := set $cfg "outbound_ca_file" (include "token-broker.extraCA.file" .) -}}
 {{- end -}}
+{{- with .Values.redis.tls }}
+{{- if .secret -}}
+{{- $dir := trimSuffix "/" $.Values.redis.mountPath -}}
+{{- $_ := set $cfg "redis_ca_file" (printf "%s/tls/%s" $dir .caKey) -}}
+{{- if .clientCertificate -}}
+{{- $_ := set $cfg "redis_client_cert_file" (printf "%s/tls/%s" $dir .certKey) -}}
+{{- $_ := set $cfg "redis_client_key_file" (printf "%s/tls/%s" $dir .keyKey) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if .Values.redis.passwordSecret -}}
+{{- $file := printf "%s/password/%s" (trimSuffix "/" .Values.redis.mountPath) .Values.redis.passwordSecretKey -}}
+{{- $_ := set $cfg "redis_password" (dict "file" $file) -}}
+{{- end -}}
 {{- toYaml $cfg -}}
 {{- end -}}
 
