@@ -35,13 +35,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_until(predicate: Any, timeout: float, what: str) -> None:
+POLL_INTERVAL_SECONDS = 0.05
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it is true; ``TimeoutError`` naming ``what`` after ``timeout`` s.
+
+    The one way a test waits for something another process, thread or task does: never a bare
+    sleep (too short under load, too long otherwise). From a coroutine, run it in a worker thread
+    so the event loop keeps going: ``await asyncio.to_thread(wait_until, ...)`` (the predicate then
+    runs off the loop: keep it to reads, such as a metric's value).
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{what} not ready after {timeout} s")
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} not ready after {timeout} s")
+        time.sleep(POLL_INTERVAL_SECONDS)
 
 
 def run_cli(
@@ -95,7 +104,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        _wait_until(self.ping, STARTUP_TIMEOUT_SECONDS, "redis-server")
+        wait_until(self.ping, STARTUP_TIMEOUT_SECONDS, "redis-server")
 
     def ping(self) -> bool:
         try:
@@ -155,7 +164,7 @@ class BrokerProcess:
             stderr=self._log,
             env=self.env,
         )
-        _wait_until(self._healthy, STARTUP_TIMEOUT_SECONDS, f"broker (log: {self.log_path})")
+        wait_until(self._healthy, STARTUP_TIMEOUT_SECONDS, f"broker (log: {self.log_path})")
 
     def _healthy(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
