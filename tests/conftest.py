@@ -42,11 +42,15 @@ def start_broker(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
     started: list[BrokerProcess] = []
 
     def start(
-        config: dict[str, Any], env: dict[str, str] | None = None, name: str | None = None
+        config: dict[str, Any],
+        env: dict[str, str] | None = None,
+        name: str | None = None,
+        *,
+        wait: bool = True,
     ) -> BrokerProcess:
         broker = BrokerProcess(tmp_path, config, env, name or f"broker{len(started)}")
         started.append(broker)
-        broker.start()
+        broker.start(wait=wait)
         return broker
 
     yield start

@@ -145,7 +145,9 @@ class BrokerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    def start(self, *, wait: bool = True) -> None:
+        """Start the process; unless ``wait`` is False, return once /healthz answers (see
+        ``wait_ready``: several replicas start faster side by side than one after another)."""
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
@@ -164,6 +166,10 @@ class BrokerProcess:
             stderr=self._log,
             env=self.env,
         )
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
         wait_until(self._healthy, STARTUP_TIMEOUT_SECONDS, f"broker (log: {self.log_path})")
 
     def _healthy(self) -> bool:
