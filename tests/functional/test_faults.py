@@ -22,7 +22,7 @@ from tests.functional.conftest import (
     World,
     ask,
 )
-from tests.support import BrokerProcess, RedisServer, run_cli
+from tests.support import BrokerProcess, RedisServer, run_cli, wait_until
 
 StartBroker = Callable[..., BrokerProcess]
 
@@ -52,10 +52,7 @@ def test_redis_down_fails_open_and_recovers(
         assert broker.metric("broker_redis_errors_total") >= 1
     finally:
         redis_server.start()
-    deadline = time.monotonic() + 10
-    while _ready(broker).status_code != 200:
-        assert time.monotonic() < deadline, _ready(broker).text
-        time.sleep(0.2)
+    wait_until(lambda: 200 == _ready(broker).status_code, 10, "/readyz after Redis came back")
     ask(broker, world.soar_key, {"tenant": TENANT_C, "resource": DEFENDER})
     keys = redis_server.command(b"KEYS", b"tb:v1:tok:*")
     assert TENANT_C.encode() in keys
@@ -70,7 +67,15 @@ def test_slow_redis_does_not_hold_requests(
         target=redis_server.command, args=(b"DEBUG", b"SLEEP", b"3"), kwargs={"timeout": 10}
     )
     freezer.start()
-    time.sleep(0.2)
+
+    def frozen() -> bool:
+        try:
+            redis_server.command(b"PING", timeout=0.25)
+        except OSError:  # the PING times out: the server is asleep
+            return True
+        return False
+
+    wait_until(frozen, 5, "redis-server frozen")
     started = time.monotonic()
     response = ask(broker, world.soar_key, {"tenant": TENANT_A, "resource": DEFENDER})
     took = time.monotonic() - started
@@ -163,8 +168,9 @@ def test_without_purge_consent_is_seen_after_negative_cache_seconds(
     world.emulator.grant(TENANT_UNCONSENTED, APP_ID, DEFENDER, ["Incident.Read.All"])
     assert 403 == ask(broker, world.soar_key, body).status_code  # still remembered
     assert 1 == world.emulator.token_requests(tenant=TENANT_UNCONSENTED, client_id=APP_ID)
-    time.sleep(1.2)
-    assert 200 == ask(broker, world.soar_key, body).status_code
+    # Asked again and again until the refusal is forgotten: only the first ask after that reaches Entra.
+    wait_until(lambda: 200 == ask(broker, world.soar_key, body).status_code, 10, "the refusal forgotten")
+    assert 2 == world.emulator.token_requests(tenant=TENANT_UNCONSENTED, client_id=APP_ID)
 
 
 def test_rejected_credential_is_flagged(world: World, start_broker: StartBroker) -> None:
@@ -186,12 +192,23 @@ def test_key_vault_down_keeps_loaded_credentials_and_rotation_is_periodic(
     back, a rotated secret is picked up by the periodic reload without a restart."""
     broker = start_broker(world.broker_config(credential_refresh_seconds=1), world.env)
     world.emulator.add_fault("vault", "503", count=-1)
-    time.sleep(3.5)
+    wait_until(
+        lambda: "credential reload failed, keeping the loaded value" in broker.log_text(),
+        15,
+        "a periodic reload failing",
+    )
     assert 200 == ask(broker, world.soar_key, {"tenant": TENANT_A, "resource": DEFENDER}).status_code
-    assert "credential reload failed, keeping the loaded value" in broker.log_text()
     world.emulator.clear_faults()
     world.emulator.rotate_app_secret(APP_ID, vault_secret="defender-app-secret")
-    time.sleep(2.5)
+
+    def loads() -> int:
+        return sum(
+            1
+            for line in broker.log_lines()
+            if line["message"] == "credential loaded" and line.get("source") == "secret:defender-app-secret"
+        )
+
+    wait_until(lambda: 2 == loads(), 15, "the rotated secret loaded by the periodic reload")
     world.emulator.reset_counters()
     assert 200 == ask(broker, world.soar_key, {"tenant": TENANT_B, "resource": DEFENDER}).status_code
     # The new secret was already loaded: one token request, no rejected first attempt.
@@ -208,19 +225,22 @@ def test_sigterm_drains_in_flight_requests(world: World, start_broker: StartBrok
         target=lambda: result.append(ask(broker, world.soar_key, {"tenant": TENANT_A, "resource": DEFENDER}))
     )
     thread.start()
-    time.sleep(0.7)
+    wait_until(lambda: not world.emulator.faults(), 10, "the request waiting on the slow Entra")
     assert broker.process is not None
     process = broker.process
     process.terminate()
-    time.sleep(0.3)
-    try:
-        requests.get(f"{broker.url}/healthz", timeout=2)
-        refused = False
-    except requests.ConnectionError:
-        refused = True
+
+    def refused() -> bool:
+        try:
+            requests.get(f"{broker.url}/healthz", timeout=2)
+        except requests.ConnectionError:
+            return True
+        return False
+
+    wait_until(refused, 10, "new connections refused")
+    assert process.poll() is None  # refused while still draining, not because it exited
     thread.join(timeout=20)
     assert 0 == process.wait(timeout=20)
-    assert refused
     assert 200 == result[0].status_code
 
 
