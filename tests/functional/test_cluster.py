@@ -51,7 +51,10 @@ async def test_cold_herd_over_three_replicas_costs_one_request_per_key(
     """1,000 concurrent requests for 100 cold tenants over 3 processes sharing Redis: all succeed and
     the emulator sees exactly 100 token requests (one per tenant), even with slow Entra answers."""
     tenants = _add_tenants(world, 100)
-    config = world.broker_config(redis_url)
+    # This proves single flight, not Redis timeouts (test_faults does): on a CPU-starved CI box a
+    # replica busy with its third of the herd can lag its event loop past the 0.5-s default, and a
+    # lookup that "timed out" fails open into a second acquisition.
+    config = world.broker_config(redis_url, redis_timeout_seconds=5)
     brokers = [start_broker(config, world.env, name=f"replica{i}", wait=False) for i in range(3)]
     for broker in brokers:
         broker.wait_ready()
