@@ -3,12 +3,14 @@ holds (sealed, bound to its key name), and that nothing read back from Redis is 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 import pytest
 from redis.asyncio import Redis
 
+from broker import cache as cache_module
 from broker.cache import MAX_THROTTLE_SECONDS, MAX_VALUE_BYTES, Lease, Lookup, _Names, purge_tenant
 from broker.config import RedisOptions
 from broker.crypto import Sealer
@@ -16,7 +18,7 @@ from broker.errors import ConsentRequiredError, UnknownTenantError
 from broker.metrics import Metrics
 from broker.tokens import AccessToken, TokenKey, fingerprint
 from tests.conftest import MakeCache, metric_value
-from tests.support import free_port
+from tests.support import RedisServer, free_port, wait_until
 
 RESOURCE = "https://api.security.microsoft.com"
 MDE = "https://api.securitycenter.microsoft.com"
@@ -198,17 +200,57 @@ async def test_dropped_connection_is_retried_not_an_outage(make_cache: MakeCache
     assert cache.shared_available
 
 
+async def test_store_and_release_are_attempted_while_backing_off(
+    make_cache: MakeCache,
+    raw_redis: Redis,
+    core_redis: RedisOptions,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Hardening: a replica that saw Redis time out mid-acquisition (and now skips it for reads)
+    still stores the token it got and releases its lease, so other replicas' callers find the
+    token instead of waiting out the lease."""
+    monkeypatch.setattr(cache_module, "REDIS_BACKOFF_SECONDS", 60.0)  # the back-off outlasts the test
+    cache = make_cache(options=RedisOptions(url=core_redis.url, timeout_seconds=0.2))
+
+    def frozen() -> bool:
+        try:
+            redis_server.command(b"PING", timeout=0.05)
+        except OSError:
+            return True
+        return False
+
+    async with cache.lease(KEY, 30) as lease:
+        assert Lease.ACQUIRED == lease
+        freezer = asyncio.create_task(raw_redis.execute_command("DEBUG", "SLEEP", "0.5"))
+        await asyncio.to_thread(wait_until, frozen, 5, "redis-server frozen")
+        assert (await cache.lookup(KEY)).token is None  # times out: fail open, back off
+        assert not cache.shared_available
+        await freezer
+        await cache.store(KEY, token_for(KEY))
+    assert not cache.shared_available
+    assert 0 == await raw_redis.exists(_Names.lease(KEY))
+    found = await make_cache().lookup(KEY)
+    assert found.token is not None
+    assert token_for(KEY).token == found.token.token
+
+
 # --- remembered failures -------------------------------------------------------------------------
 
 
-async def test_remembered_failure_is_sealed_in_redis(make_cache: MakeCache, raw_redis: Redis) -> None:
+async def test_remembered_failure_is_sealed_in_redis(
+    make_cache: MakeCache, raw_redis: Redis, sealer: Sealer
+) -> None:
     """Hardening: a remembered failure is ciphertext in Redis (neither its description nor the word
-    "consent" readable), with the remembering TTL, and another replica reads it back."""
+    "consent" readable; under the key only error, description and AADSTS code, never the consent
+    link), with the remembering TTL, and another replica reads it back."""
     await make_cache().remember(KEY, consent_error(), 30)
     raw = await raw_redis.get(_Names.failure(KEY))
     assert raw is not None
     assert CONSENT_DESCRIPTION.encode() not in raw
     assert b"consent" not in raw.lower()
+    stored = json.loads(sealer.open(raw, _Names.failure(KEY).encode()))
+    assert {"error", "error_description", "aadsts"} == set(stored)
     assert 29_000 < await raw_redis.pttl(_Names.failure(KEY)) <= 30_000
     failure = (await make_cache().lookup(KEY)).failure
     assert isinstance(failure, ConsentRequiredError)

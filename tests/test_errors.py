@@ -91,7 +91,7 @@ def test_remembered_failure_round_trips_its_documented_fields(cls: type[BrokerEr
     AADSTS code; only REMEMBERED_FIELDS are stored, so a consent_url never is."""
     original = cls("the tenant said no", aadsts="AADSTS65001", consent_url="https://consent")
     body = remembered_body(original)
-    assert set(REMEMBERED_FIELDS) == set(body)
+    assert {"error", "error_description", "aadsts"} == set(body) == set(REMEMBERED_FIELDS)
     restored = error_from_body(body)
     assert cls is type(restored)
     assert (original.description, original.aadsts, None) == (
