@@ -3,7 +3,6 @@ holds (sealed, bound to its key name), and that nothing read back from Redis is 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -18,7 +17,7 @@ from broker.errors import ConsentRequiredError, UnknownTenantError
 from broker.metrics import Metrics
 from broker.tokens import AccessToken, TokenKey, fingerprint
 from tests.conftest import MakeCache, metric_value
-from tests.support import RedisServer, free_port, wait_until
+from tests.support import free_port
 
 RESOURCE = "https://api.security.microsoft.com"
 MDE = "https://api.securitycenter.microsoft.com"
@@ -201,32 +200,19 @@ async def test_dropped_connection_is_retried_not_an_outage(make_cache: MakeCache
 
 
 async def test_store_and_release_are_attempted_while_backing_off(
-    make_cache: MakeCache,
-    raw_redis: Redis,
-    core_redis: RedisOptions,
-    redis_server: RedisServer,
-    monkeypatch: pytest.MonkeyPatch,
+    make_cache: MakeCache, raw_redis: Redis, core_redis: RedisOptions, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Hardening: a replica that saw Redis time out mid-acquisition (and now skips it for reads)
     still stores the token it got and releases its lease, so other replicas' callers find the
     token instead of waiting out the lease."""
     monkeypatch.setattr(cache_module, "REDIS_BACKOFF_SECONDS", 60.0)  # the back-off outlasts the test
     cache = make_cache(options=RedisOptions(url=core_redis.url, timeout_seconds=0.2))
-
-    def frozen() -> bool:
-        try:
-            redis_server.command(b"PING", timeout=0.05)
-        except OSError:
-            return True
-        return False
-
     async with cache.lease(KEY, 30) as lease:
         assert Lease.ACQUIRED == lease
-        freezer = asyncio.create_task(raw_redis.execute_command("DEBUG", "SLEEP", "0.5"))
-        await asyncio.to_thread(wait_until, frozen, 5, "redis-server frozen")
+        await raw_redis.client_pause(1000)  # Redis holds every client's commands for 1 s
         assert (await cache.lookup(KEY)).token is None  # times out: fail open, back off
         assert not cache.shared_available
-        await freezer
+        await raw_redis.ping()  # answered once the pause is over
         await cache.store(KEY, token_for(KEY))
     assert not cache.shared_available
     assert 0 == await raw_redis.exists(_Names.lease(KEY))
