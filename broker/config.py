@@ -527,7 +527,7 @@ class FlightOptions:
     upstream_retry_seconds: float
     upstream_timeout_seconds: float
     negative_cache_seconds: float
-    max_concurrent_acquisitions: int  # slots of the fair scheduler: the MSAL workers
+    max_concurrent_acquisitions: int = 8  # slots of the fair scheduler: the MSAL workers
 
 
 @dataclass(frozen=True, slots=True)
@@ -549,8 +549,8 @@ class RedisOptions:
 
     url: str = dataclasses.field(repr=False)  # may hold a password
     timeout_seconds: float  # a command's reply
-    max_connections: int  # per pool (per node in cluster mode)
-    pool_timeout_seconds: float  # waiting for a free pooled connection
+    max_connections: int = 64  # per pool (per node in cluster mode)
+    pool_timeout_seconds: float = 2.0  # waiting for a free pooled connection
     connect_timeout_seconds: float = 2.0  # TCP + TLS handshake + AUTH
     mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
     sentinels: tuple[tuple[str, int], ...] = ()

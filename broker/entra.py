@@ -258,7 +258,7 @@ def _parse_retry_after(value: str | None) -> int | None:
         return None
     try:
         return max(1, int(float(value)))
-    except ValueError:
+    except (ValueError, OverflowError):  # "inf", "1e999": not a number of seconds (a broken proxy)
         return None
 
 

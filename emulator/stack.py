@@ -38,13 +38,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+POLL_INTERVAL_SECONDS = 0.05
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it is true; ``TimeoutError`` naming ``what`` after ``timeout`` s.
+
+    The one way a test (or the demo) waits for something another process, thread or task does:
+    never a bare sleep (too short under load, too long otherwise). From a coroutine, run it in a
+    worker thread so the event loop keeps going: ``await asyncio.to_thread(wait_until, ...)``.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{what} not ready after {timeout} s")
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} not ready after {timeout} s")
+        time.sleep(POLL_INTERVAL_SECONDS)
 
 
 class RedisServer:
@@ -92,7 +100,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        _wait_until(self.ping, STARTUP_TIMEOUT_SECONDS, "redis-server")
+        wait_until(self.ping, STARTUP_TIMEOUT_SECONDS, "redis-server")
 
     def ping(self) -> bool:
         try:
@@ -139,7 +147,9 @@ class BrokerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    def start(self, *, wait: bool = True) -> None:
+        """Start the process; unless ``wait`` is False, return once /healthz answers (see
+        ``wait_ready``: several replicas start faster side by side than one after another)."""
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(  # noqa: S603 - our own interpreter running our own CLI
             [
@@ -158,7 +168,11 @@ class BrokerProcess:
             stderr=self._log,
             env=self.env,
         )
-        _wait_until(self._healthy, STARTUP_TIMEOUT_SECONDS, f"broker (log: {self.log_path})")
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        wait_until(self._healthy, STARTUP_TIMEOUT_SECONDS, f"broker (log: {self.log_path})")
 
     def _healthy(self) -> bool:
         if self.process is not None and self.process.poll() is not None:

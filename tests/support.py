@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable, Iterator
 
 from aiohttp import web
 
-from emulator.stack import STARTUP_TIMEOUT_SECONDS, BrokerProcess, RedisServer, free_port
+from emulator.stack import STARTUP_TIMEOUT_SECONDS, BrokerProcess, RedisServer, free_port, wait_until
 
-__all__ = ["BrokerProcess", "RedisServer", "free_port", "run_cli", "serve_in_thread"]
+__all__ = ["BrokerProcess", "RedisServer", "free_port", "run_cli", "serve_in_thread", "wait_until"]
 
 
 def run_cli(

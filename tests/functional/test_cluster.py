@@ -17,7 +17,7 @@ import requests
 from redis.asyncio import Redis
 
 from tests.functional.conftest import APP_ID, DEFENDER, ROLES, World, ask
-from tests.support import BrokerProcess
+from tests.support import BrokerProcess, wait_until
 
 StartBroker = Callable[..., BrokerProcess]
 
@@ -51,8 +51,13 @@ async def test_cold_herd_over_three_replicas_costs_one_request_per_key(
     """1,000 concurrent requests for 100 cold tenants over 3 processes sharing Redis: all succeed and
     the emulator sees exactly 100 token requests (one per tenant), even with slow Entra answers."""
     tenants = _add_tenants(world, 100)
-    config = world.broker_config(redis_url)
-    brokers = [start_broker(config, world.env, name=f"replica{i}") for i in range(3)]
+    # This proves single flight, not Redis timeouts (test_faults does): on a CPU-starved CI box a
+    # replica busy with its third of the herd can lag its event loop past the 0.5-s default, and a
+    # lookup that "timed out" fails open into a second acquisition.
+    config = world.broker_config(redis_url, redis_timeout_seconds=5)
+    brokers = [start_broker(config, world.env, name=f"replica{i}", wait=False) for i in range(3)]
+    for broker in brokers:
+        broker.wait_ready()
     world.emulator.reset_counters()
     # Slow answers keep every acquisition open while the rest of the herd arrives.
     world.emulator.add_fault("token", "latency", latency_seconds=0.3, count=-1)
@@ -83,16 +88,22 @@ def _epoch(stamp: str) -> float:
 async def test_refresh_ahead_under_steady_load(
     world: World, start_broker: StartBroker, redis_url: str
 ) -> None:
-    """30-s tokens under 75 s of steady load from several callers over 3 replicas: each key is
+    """9-s tokens under 18 s of steady load from several callers over 3 replicas: each key is
     acquired no more often than the refresh rule allows (+1), and after warm-up every request is
     served from cache: refreshes happen in the background while callers keep the valid token."""
-    lifetime, duration, warmup = 30, 75.0, 3.0
+    # Two lifetimes, so every key is refreshed repeatedly. A refresh starts with at least half the
+    # lifetime left; a replica that found another refreshing (Entra takes 0.5 s) adopts the new
+    # token 2 s later (service.REFRESH_RETRY_SECONDS): min_ttl stays below what is left by then
+    # (4.5 - 0.5 - 2 s), so no request misses L1 and waits.
+    lifetime, duration, warmup, min_ttl = 9, 18.0, 3.0, 1
     world.emulator.set_token_lifetime(lifetime)
-    # Entra is slow: a request that waited on it would stand out against cache-hit latencies.
+    # Entra is slow, so refreshes overlap: replicas find each other's lease held and stand down.
     world.emulator.add_fault("token", "latency", latency_seconds=0.5, count=-1)
     tenants = _add_tenants(world, 6)
     config = world.broker_config(redis_url)
-    brokers = [start_broker(config, world.env, name=f"replica{i}") for i in range(3)]
+    brokers = [start_broker(config, world.env, name=f"replica{i}", wait=False) for i in range(3)]
+    for broker in brokers:
+        broker.wait_ready()
     world.emulator.reset_counters()
     started, wall_started = time.monotonic(), time.time()
     latencies: list[tuple[float, float, int]] = []
@@ -108,7 +119,7 @@ async def test_refresh_ahead_under_steady_load(
                     session,
                     brokers[rng.randrange(3)],
                     world.soar_key,
-                    {"tenant": rng.choice(tenants), "resource": DEFENDER, "min_ttl": 5},
+                    {"tenant": rng.choice(tenants), "resource": DEFENDER, "min_ttl": min_ttl},
                 )
                 latencies.append((now - started, took, status))
                 await asyncio.sleep(0.02)
@@ -117,16 +128,14 @@ async def test_refresh_ahead_under_steady_load(
     assert all(status == 200 for _, _, status in latencies)
     steady = [took for at, took, _ in latencies if at > warmup]
     assert len(steady) > 1000
-    # Refresh margin for a 30-s token is 15 s (minus up to 1.5 s jitter): at most one acquisition
-    # per 13.5 s per key, plus the cold one.
-    allowed = int(duration / (lifetime - 15 - 1.5)) + 1 + 1
+    # Refresh margin is half the lifetime (plus up to 5 % jitter): at most one acquisition per
+    # 4.05 s per key, plus the cold one.
+    allowed = int(duration / (lifetime - lifetime / 2 - lifetime * 0.05)) + 1 + 1
     per_tenant = Counter(entry["tenant_id"] for entry in world.emulator.requests("token", client_id=APP_ID))
     assert set(tenants) == set(per_tenant)
     assert max(per_tenant.values()) <= allowed, per_tenant
     assert min(per_tenant.values()) >= int(duration / lifetime)  # it did refresh, repeatedly
-    # Nobody waited on the 0.5-s Entra after warm-up.
-    assert max(steady) < 0.4, sorted(steady)[-5:]
-    # The audit trail agrees: after warm-up every issuance came from L1 or Redis.
+    # Nobody waited on Entra after warm-up: every issuance came from L1 or Redis.
     steady_layers = Counter(
         line["cache_layer"]
         for broker in brokers
@@ -166,13 +175,14 @@ def test_killed_lease_holder_is_taken_over_within_the_lease(
 
     thread = threading.Thread(target=doomed, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
     # Kill only once the holder has the lease *and* its token request is inside the emulator (the
     # slow-answer fault has fired): killed earlier, during MSAL's discovery, the survivor would draw
     # the slow answer itself.
-    while not (asyncio.run(_lock_exists(redis_url)) and not world.emulator.faults()):
-        assert time.monotonic() < deadline, "the holder never reached Entra with the lease held"
-        time.sleep(0.05)
+    wait_until(
+        lambda: asyncio.run(_lock_exists(redis_url)) and not world.emulator.faults(),
+        10,
+        "the holder at Entra with the lease held",
+    )
     holder.stop(sig=9)
     killed_at = time.monotonic()
     responses: list[requests.Response] = []

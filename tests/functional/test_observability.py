@@ -7,7 +7,6 @@ import hashlib
 import json
 import re
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import requests
 import yaml
 
 from tests.functional.conftest import APP_ID, DEFENDER, TENANT_A, TENANT_UNCONSENTED, World, ask
-from tests.support import BrokerProcess, run_cli
+from tests.support import BrokerProcess, run_cli, wait_until
 
 StartBroker = Callable[..., BrokerProcess]
 
@@ -185,10 +184,9 @@ def test_cache_purge_reaches_every_replica(
     assert 0 == result.returncode, result.stderr
     assert "removed 1 shared cache entry" in result.stdout
     assert "2 replica(s)" in result.stdout
-    deadline = time.monotonic() + 5
-    while not all("purge broadcast received" in r.log_text() for r in replicas):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(
+        lambda: all("purge broadcast received" in r.log_text() for r in replicas), 5, "the purge broadcast"
+    )
     new = {ask(replica, world.soar_key, body).json()["access_token"] for replica in replicas}
     assert 1 == len(new)
     assert old != new

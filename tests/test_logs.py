@@ -1,0 +1,132 @@
+"""JSON log lines and the audit trail: one parseable object per line, context at the top level, the
+request id on every line of a request, and no token even when a token object is logged."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.logs import AuditLog, JsonFormatter, _ParserErrorFilter, request_id_var
+from broker.tokens import AccessToken, fingerprint
+
+SECRET_TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJ0aWQiOiJ0In0.c2lnbmF0dXJl"
+TOKEN = AccessToken(
+    token=SECRET_TOKEN,
+    expires_on=2_000_000_000.0,
+    tenant_id="t",
+    resource="https://r",
+    fingerprint=fingerprint(SECRET_TOKEN),
+)
+
+
+@pytest.fixture
+def json_log() -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    """A logger writing through ``JsonFormatter`` into a buffer (the root logger is left alone)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("broker.test-logs")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    yield logger, stream
+    logger.removeHandler(handler)
+
+
+def lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_each_record_is_one_json_object_with_context_at_top_level(
+    json_log: tuple[logging.Logger, io.StringIO],
+) -> None:
+    """A record is one JSON line: time, level, logger, message, and each ``extra`` field."""
+    logger, stream = json_log
+    logger.info("token acquired for %s", "tenant-a", extra={"app": "defender", "expires_in": 3599})
+    logger.warning("second line")
+    first, second = lines(stream)
+    assert {"level", "logger", "message", "time", "app", "expires_in"} == set(first)
+    assert ("INFO", "broker.test-logs", "token acquired for tenant-a") == (
+        first["level"],
+        first["logger"],
+        first["message"],
+    )
+    assert ("defender", 3599) == (first["app"], first["expires_in"])
+    assert first["time"].endswith("Z")
+    assert "WARNING" == second["level"]
+
+
+def test_request_id_is_on_every_line_of_a_request(json_log: tuple[logging.Logger, io.StringIO]) -> None:
+    """While a request id is set, each line carries it; outside a request, none does."""
+    logger, stream = json_log
+    reset = request_id_var.set("req-123")
+    try:
+        logger.info("inside")
+    finally:
+        request_id_var.reset(reset)
+    logger.info("outside")
+    inside, outside = lines(stream)
+    assert "req-123" == inside["request_id"]
+    assert "request_id" not in outside
+
+
+def test_a_logged_token_object_shows_no_token(json_log: tuple[logging.Logger, io.StringIO]) -> None:
+    """An AccessToken passed as context (by mistake) is rendered by its repr, which hides the token;
+    an exception's traceback is kept as text."""
+    logger, stream = json_log
+    error = ValueError("boom")
+    logger.error("failed", exc_info=(ValueError, error, None), extra={"token": TOKEN})
+    text = stream.getvalue()
+    assert SECRET_TOKEN not in text
+    (line,) = lines(stream)
+    assert TOKEN.fingerprint in line["token"]
+    assert "ValueError: boom" in line["exception"]
+
+
+def test_audit_line_is_one_json_line_per_write_and_hides_tokens(tmp_path: Path) -> None:
+    """Each audit write is one newline-terminated JSON object from ``broker.audit`` with the given
+    fields and the request id; a token object among the fields is not revealed."""
+    path = tmp_path / "audit.log"
+    with path.open("wb") as sink:
+        audit = AuditLog(sink.fileno())
+        reset = request_id_var.set("req-9")
+        try:
+            audit.write({"caller": "soar", "outcome": "ok", "cache_layer": "l1", "token": TOKEN})
+        finally:
+            request_id_var.reset(reset)
+        audit.write({"caller": "soar", "outcome": "access_denied"})
+    raw = path.read_text(encoding="utf-8")
+    assert SECRET_TOKEN not in raw
+    assert raw.endswith("\n")
+    first, second = (json.loads(line) for line in raw.splitlines())
+    assert ("broker.audit", "token request", "INFO", "req-9") == (
+        first["logger"],
+        first["message"],
+        first["level"],
+        first["request_id"],
+    )
+    assert ("soar", "ok", "l1") == (first["caller"], first["outcome"], first["cache_layer"])
+    assert "access_denied" == second["outcome"]
+    assert "request_id" not in second
+
+
+def test_malformed_request_log_keeps_only_the_exception_class() -> None:
+    """Aiohttp's log of a malformed request quotes the offending bytes (maybe an Authorization
+    header): the filter rewrites it to one WARNING line naming the exception class only."""
+    exc = ValueError("Bad header: Authorization: Bearer tbk_secretcallerkey")
+    record = logging.LogRecord(
+        "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request", None, (ValueError, exc, None)
+    )
+    assert _ParserErrorFilter().filter(record)
+    assert ("WARNING", "rejected a malformed HTTP request: ValueError") == (
+        record.levelname,
+        record.getMessage(),
+    )
+    assert record.exc_info is None
+    assert "tbk_secretcallerkey" not in JsonFormatter().format(record)
