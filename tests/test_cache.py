@@ -95,6 +95,9 @@ async def test_lease_is_unavailable_without_redis(make_cache: MakeCache) -> None
     async with unreachable.lease(KEY, 5, TokenCache.new_holder()) as lease:
         assert Lease.UNAVAILABLE == lease
     assert redis_errors(metrics) >= 1
+    # One failed call concerns that call; Redis counts as down (and is skipped) once calls in a row fail.
+    for _ in range(cache_module.REDIS_DOWN_AFTER_FAILURES):
+        await unreachable.lookup(KEY)
     assert not unreachable.shared_available
     assert unreachable.redis_last_error is not None
     async with make_cache(shared=False).lease(KEY, 5, TokenCache.new_holder()) as local:
@@ -218,6 +221,8 @@ async def test_store_and_release_are_attempted_while_backing_off(
     async with cache.lease(KEY, 30, TokenCache.new_holder()) as lease:
         assert Lease.ACQUIRED == lease
         await raw_redis.client_pause(1000)  # Redis holds every client's commands for 1 s
+        # Redis has been timing out for a while (a lone timeout only concerns its own call):
+        cache._failing_since = time.monotonic() - 2 * cache_module.REDIS_BACKOFF_SECONDS
         assert (await cache.lookup(KEY)).token is None  # times out: fail open, back off
         assert not cache.shared_available
         await raw_redis.ping()  # answered once the pause is over

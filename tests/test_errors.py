@@ -75,9 +75,10 @@ def test_invalid_client_asks_for_bearer_authentication() -> None:
     )
 
 
-@pytest.mark.parametrize(("given", "expected"), [(30, 30), (0.2, 1), (0, 1), (-5, 1), (2.9, 2)])
+@pytest.mark.parametrize(("given", "expected"), [(30, 30), (0.2, 1), (0, 1), (-5, 1), (2.9, 3)])
 def test_retry_after_is_a_whole_number_of_seconds_at_least_one(given: float, expected: int) -> None:
-    """503s always tell the caller to wait at least a second, in the header and the body."""
+    """503s always tell the caller to wait at least a second, in the header and the body, rounded
+    up (2.9 s is 3: a caller told 2 would come back before the wait is over)."""
     error = ThrottledError("throttled", retry_after=given)
     assert (503, expected) == (error.status, error.retry_after)
     assert {"Retry-After": str(expected)} == error.headers()

@@ -79,7 +79,9 @@ def test_required_roles_may_name_only_the_apps_resources() -> None:
         settings.tenant_domain_ttl_seconds,
     )
     assert settings.callers["soar"].admin is False
-    with pytest.raises(ConfigError, match=r"apps\.defender: required_roles names resource\(s\) not in"):
+    with pytest.raises(
+        ConfigError, match=r"apps\.defender\.required_roles: .* is not one of the app's resources"
+    ):
         _settings(required_roles={"https://graph.microsoft.com": ["X"]})
 
 

@@ -92,7 +92,8 @@ def test_connections_beyond_the_cap_are_refused_with_503(world: World, start_bro
             pass
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert len(refused) == broker.metric("broker_refused_connections_total")
+    # ≥: a health probe above may itself have been refused while the closed sockets were let go.
+    assert len(refused) <= broker.metric("broker_refused_connections_total")
 
 
 def test_the_acquisition_budget_over_http(world: World, start_broker: StartBroker) -> None:
