@@ -50,6 +50,7 @@ HTTPS_URL_RE = re.compile(r"https://[^\s/?#]+(/[^\s?#]*)?")
 ISSUER_URL_RE = re.compile(r"https?://[^\s/?#]+(/[^\s?#]*)?")
 
 CONFIG_ENV = "BROKER_CONFIG"
+LOCAL_MEMORY_MAX_ENTRIES = 2048
 # Top-level scalar keys that a ``BROKER_<KEY>`` environment variable may override (so an image or a
 # Helm chart can inject, say, a Redis URL holding a password from a Secret instead of the ConfigMap).
 ENV_OVERRIDABLE = (
@@ -440,7 +441,10 @@ class Settings(_Frozen):
     def cache_options(self) -> CacheOptions:
         return CacheOptions(
             l1_max_tokens=self.l1_max_tokens,
-            local_max_entries=self.l1_max_tokens,
+            # Remembered failures, throttles and single-use claims kept in process: they only spare
+            # Entra repeats for a few seconds (the per-caller budget bounds the rest), so a flood of
+            # distinct failing tenants must not grow a replica's memory with it.
+            local_max_entries=LOCAL_MEMORY_MAX_ENTRIES,
             redis_max_concurrent_calls=self.redis_max_connections,
             redis_wait_seconds=max(2.0, self.redis_timeout_seconds * 4),
         )

@@ -26,3 +26,23 @@ def test_bench_smoke(tmp_path: Path) -> None:
     data = json.loads(summary.read_text())
     assert data["valid"] is True
     assert data["cold_herd"]["tenants"] == data["cold_herd"]["upstream_token_requests"]
+
+
+def test_memory_bench_smoke(tmp_path: Path) -> None:
+    """`python -m bench.memory --smoke` runs: every request for a nonexistent tenant is a 404, and it
+    reports resident memory before and after (its figures mean nothing at this size)."""
+    summary = tmp_path / "memory.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.memory", "--smoke", "--json", str(summary)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert 0 == result.returncode, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(summary.read_text())
+    assert ["404"] == list(data["statuses"])
+    assert data["statuses"]["404"] >= data["requests"]
+    assert data["rss_before_mb"] > 0
+    assert data["rss_after_mb"] > 0
