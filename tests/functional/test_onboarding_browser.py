@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -134,7 +135,7 @@ def wait_for_broker_page(driver: Any, onboard: Onboard) -> None:
 
 def test_accept_connects_the_tenant(browser: Any, start_onboarding: StartOnboarding) -> None:
     """Accept → the broker's "connected" page naming the tenant, app and roles; the recorder saw the
-    tenant ready, and the next token request for it succeeds."""
+    tenant ready, the tenant registry says ready, and the next token request for it succeeds."""
     onboard = start_onboarding()
     consent_in_emulator(browser, onboard, "Accept")
     assert browser.current_url.startswith(onboard.callback_url)
@@ -153,6 +154,14 @@ def test_accept_connects_the_tenant(browser: Any, start_onboarding: StartOnboard
     token = onboard.token(TENANT_UNCONSENTED)
     assert 200 == token.status_code, token.text
     assert TENANT_UNCONSENTED == token.json()["tenant_id"]
+    # ...and the tenant registry (what `token-broker tenants show` reads) has it ready.
+    entry = requests.get(
+        f"{onboard.url}/v1/tenants/{TENANT_UNCONSENTED}",
+        headers={"Authorization": f"Bearer {onboard.admin_key}"},
+        timeout=30,
+    )
+    assert 200 == entry.status_code, entry.text
+    assert "ready" == entry.json()["apps"]["defender"][DEFENDER]["state"]
 
     # The same callback URL again (back button, a reload): "already used", nothing recorded anew.
     recorded = onboard.recorder.proofs()
