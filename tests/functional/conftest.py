@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from aiohttp import web
 
 from broker.callers import new_api_key
 from emulator import Emulator
@@ -26,7 +30,8 @@ from emulator.world import (
     broker_config,
     broker_environment,
 )
-from tests.support import BrokerProcess
+from tests.support import BrokerProcess, free_port, serve_in_thread
+from tests.test_callers import Issuer
 
 # The names the functional tests use for the test world's identifiers.
 __all__ = [
@@ -109,3 +114,25 @@ def ask(
     if raw is not None:
         return requests.post(f"{broker.url}/v1/token", data=raw, headers=sent, timeout=30)
     return requests.post(f"{broker.url}/v1/token", json=body, headers=sent, timeout=30)
+
+
+@pytest.fixture
+def oidc_issuer(tmp_path: Path) -> Iterator[tuple[str, Issuer]]:
+    """A Kubernetes-style OIDC issuer on 127.0.0.1: its discovery document and the JWKS file's current
+    keys, for service-account tokens (callers' bearer tokens and client assertions)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/issuer"
+    issuer = Issuer(tmp_path / "jwks.json")
+    issuer.add_key("k1")
+
+    async def discovery(_r: web.Request) -> web.Response:
+        return web.json_response({"issuer": base, "jwks_uri": f"{base}/keys"})
+
+    async def keys(_r: web.Request) -> web.Response:
+        return web.json_response(json.loads(issuer.path.read_text()))
+
+    app = web.Application()
+    app.router.add_get("/issuer/.well-known/openid-configuration", discovery)
+    app.router.add_get("/issuer/keys", keys)
+    with serve_in_thread(app, port):
+        yield base, issuer

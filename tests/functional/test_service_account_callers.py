@@ -3,42 +3,18 @@ HTTP (discovery + JWKS), a broker process, real RS256 tokens, and a signing-key 
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import jwt
-import pytest
-from aiohttp import web
 
 from broker.client import BrokerCredential
 from tests.functional.conftest import DEFENDER, TENANT_A, World, ask
-from tests.support import BrokerProcess, free_port, serve_in_thread
+from tests.support import BrokerProcess
 from tests.test_callers import ACCOUNT, Issuer
 
 StartBroker = Callable[..., BrokerProcess]
-
-
-@pytest.fixture
-def oidc_issuer(tmp_path: Path) -> Iterator[tuple[str, Issuer]]:
-    """An OIDC issuer on 127.0.0.1 serving its discovery document and the JWKS file's current keys."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}/issuer"
-    issuer = Issuer(tmp_path / "jwks.json")
-    issuer.add_key("k1")
-
-    async def discovery(_r: web.Request) -> web.Response:
-        return web.json_response({"issuer": base, "jwks_uri": f"{base}/keys"})
-
-    async def keys(_r: web.Request) -> web.Response:
-        return web.json_response(json.loads(issuer.path.read_text()))
-
-    app = web.Application()
-    app.router.add_get("/issuer/.well-known/openid-configuration", discovery)
-    app.router.add_get("/issuer/keys", keys)
-    with serve_in_thread(app, port):
-        yield base, issuer
 
 
 def test_service_account_caller_gets_a_token(

@@ -10,21 +10,17 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import jwt
 import msal
-import pytest
 import requests
-from aiohttp import web
 from azure.identity import ClientSecretCredential
 from oauthlib.oauth2 import BackendApplicationClient
 from requests_oauthlib import OAuth2Session
 
 from tests.functional.conftest import APP_ID, DEFENDER, MDE, ROLES, TENANT_A, TENANT_B, TENANT_C, World
 from tests.functional.dropin.conftest import StartTlsBroker, TlsBrokerProcess, clean_env
-from tests.support import free_port, serve_in_thread
 from tests.test_callers import ACCOUNT, Issuer
 
 
@@ -65,27 +61,6 @@ def test_msal_confidential_client_with_the_broker_as_authority(
     assert "invalid_client" == refused["error"]
     assert 2 == world.emulator.token_requests(client_id=APP_ID)
     assert {"oauth2_v2"} == {line["surface"] for line in broker.audit_lines()}
-
-
-@pytest.fixture
-def oidc_issuer(tmp_path: Path) -> Iterator[tuple[str, Issuer]]:
-    """A Kubernetes-style OIDC issuer on 127.0.0.1: discovery and JWKS for service-account tokens."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}/issuer"
-    issuer = Issuer(tmp_path / "jwks.json")
-    issuer.add_key("k1")
-
-    async def discovery(_r: web.Request) -> web.Response:
-        return web.json_response({"issuer": base, "jwks_uri": f"{base}/keys"})
-
-    async def keys(_r: web.Request) -> web.Response:
-        return web.json_response(json.loads(issuer.path.read_text()))
-
-    app = web.Application()
-    app.router.add_get("/issuer/.well-known/openid-configuration", discovery)
-    app.router.add_get("/issuer/keys", keys)
-    with serve_in_thread(app, port):
-        yield base, issuer
 
 
 def test_msal_with_a_service_account_assertion(
