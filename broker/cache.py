@@ -595,7 +595,7 @@ class TokenCache:
 
         results = await self._guarded("lookup", pipeline)
         if isinstance(results, _Down):
-            self._metrics.cache_lookups.labels(layer="redis", result="error").inc()
+            self._metrics.cache_lookups.inc("redis", "error")
             return Lookup(failure=self._remembered_locally(key), throttled_seconds=local_throttle)
         for result in results:
             if isinstance(result, Exception):  # a wrong-type key, say: that key's miss, not an outage
@@ -871,14 +871,14 @@ class TokenCache:
 
     def _open_token(self, name: str, blob: Any) -> AccessToken | None:
         if blob is None:
-            self._metrics.cache_lookups.labels(layer="redis", result="miss").inc()
+            self._metrics.cache_lookups.inc("redis", "miss")
             return None
         record = self._open(name, blob)
         try:
             token = AccessToken.from_record(record) if record is not None else None
         except (ValueError, KeyError, TypeError):
             token = None
-        self._metrics.cache_lookups.labels(layer="redis", result="hit" if token else "error").inc()
+        self._metrics.cache_lookups.inc("redis", "hit" if token else "error")
         return token
 
     def _open_failure(self, name: str, blob: Any) -> BrokerError | None:

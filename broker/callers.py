@@ -87,15 +87,28 @@ class CallerRegistry:
 
     async def authenticate(self, authorization: str | None) -> Caller:
         """The caller behind an ``Authorization: Bearer <credential>`` header, or ``InvalidClientError``."""
-        if not authorization:
-            raise InvalidClientError("missing Authorization: Bearer credential")
-        scheme, _, credential = authorization.partition(" ")
-        credential = credential.strip()
-        if scheme.lower() != "bearer" or not credential:
-            raise InvalidClientError("Authorization must be a Bearer credential")
+        credential = _bearer(authorization)
         if credential.count(".") == 2 and self._sa is not None:
             return await self.authenticate_assertion(credential)
         return self.authenticate_api_key(credential)
+
+    def known_bearer(self, authorization: str | None) -> Caller | None:
+        """``authenticate`` when it costs one hash: ``Bearer <credential>`` exactly, the credential a
+        configured API key or a service-account token verified before and not yet expired. ``None``
+        for anything else, valid or not (``authenticate`` then decides, and raises what it must).
+        Remembers nothing new. A credential found here is one ``authenticate`` accepts: a configured
+        key is printable ASCII without surrounding blanks (``new_api_key``), a remembered token
+        passed its checks."""
+        if authorization is None or not authorization.startswith("Bearer "):
+            return None
+        credential = authorization[7:]
+        try:
+            digest = hash_api_key(credential)
+        except UnicodeEncodeError:  # lone surrogates: non-UTF-8 header bytes, never a credential
+            return None
+        if self._sa is not None and credential.count(".") == 2:
+            return self._verified_caller(digest, self._sa)
+        return self._by_hash.get(digest)
 
     def authenticate_api_key(self, api_key: str) -> Caller:
         """The caller whose API key this is (a bearer credential, an OAuth ``client_secret``, an
@@ -115,13 +128,11 @@ class CallerRegistry:
         return await self._authenticate_jwt(token, self._sa)
 
     async def _authenticate_jwt(self, token: str, sa: ServiceAccountAuthSettings) -> Caller:
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        cached = self._verified.get(digest)
-        if cached is not None:
-            expires_at, caller = cached
-            if time.time() < expires_at + sa.leeway_seconds:
-                return caller
-            del self._verified[digest]
+        digest = hash_api_key(token)
+        remembered = self._verified_caller(digest, sa)
+        if remembered is not None:
+            return remembered
+        self._verified.pop(digest, None)  # expired, if it was there
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
@@ -162,6 +173,13 @@ class CallerRegistry:
         while len(self._verified) > sa.verified_cache_max:
             self._verified.popitem(last=False)
         return account
+
+    def _verified_caller(self, digest: str, sa: ServiceAccountAuthSettings) -> Caller | None:
+        """The caller of the verified service-account token with this SHA-256, until it expires."""
+        remembered = self._verified.get(digest)
+        if remembered is None or time.time() >= remembered[0] + sa.leeway_seconds:
+            return None
+        return remembered[1]
 
     async def _signing_key(
         self, kid: str, sa: ServiceAccountAuthSettings
@@ -230,6 +248,17 @@ def _usable_keys(document: dict[str, Any]) -> dict[str, tuple[jwt.PyJWK, frozens
     if not keys:
         raise jwt.PyJWKSetError("the JWKS has no usable signing keys")
     return keys
+
+
+def _bearer(authorization: str | None) -> str:
+    """The credential of an ``Authorization: Bearer <credential>`` header, or ``InvalidClientError``."""
+    if not authorization:
+        raise InvalidClientError("missing Authorization: Bearer credential")
+    scheme, _, credential = authorization.partition(" ")
+    credential = credential.strip()
+    if scheme.lower() != "bearer" or not credential:
+        raise InvalidClientError("Authorization must be a Bearer credential")
+    return credential
 
 
 def _check_credential_text(credential: str) -> None:

@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import re
-import secrets
 import time
 from collections.abc import Awaitable, Callable
+from functools import lru_cache, partial
 from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from broker import admin
 from broker.cache import TokenCache
@@ -54,7 +56,12 @@ _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _FIELDS = frozenset({"tenant", "resource", "scope", "app", "roles", "min_ttl"})
 _MAX_ROLES = 64
 _MAX_ROLE_LENGTH = 256
-_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+_NO_ROLES: tuple[str, ...] = ()  # "roles" absent (JSON has no tuples, so this is never a body's value)
+# Every JSON answer's headers, built once (aiohttp copies them into each response).
+_JSON_HEADERS = CIMultiDict(
+    {"Content-Type": "application/json", "Cache-Control": "no-store", "Pragma": "no-cache"}
+)
+_RECEIVED = web.RequestKey("received_body", bytes)  # the body _received_json took
 _RESOURCE_RE = re.compile(r"https://[A-Za-z0-9.-]+(:\d+)?(/[A-Za-z0-9._~%/-]*)?")
 
 
@@ -64,8 +71,7 @@ def _json_response(
     return web.Response(
         body=orjson.dumps(body),
         status=status,
-        content_type="application/json",
-        headers={**_NO_STORE, **(headers or {})},
+        headers=_JSON_HEADERS if headers is None else {**_JSON_HEADERS, **headers},
     )
 
 
@@ -93,36 +99,41 @@ def parse_token_request(body: Any) -> TokenRequest:
     app = body.get("app")
     if app is not None and (not isinstance(app, str) or not app or len(app) > 64):
         raise InvalidRequestError("'app' must be the name of a configured app")
-    roles = body.get("roles", [])
-    if (
+    roles = body.get("roles", _NO_ROLES)
+    if roles is not _NO_ROLES and (
         not isinstance(roles, list)
         or len(roles) > _MAX_ROLES
         or not all(isinstance(r, str) and 0 < len(r) <= _MAX_ROLE_LENGTH for r in roles)
     ):
         raise InvalidRequestError(f"'roles' must be a list of at most {_MAX_ROLES} role names")
     min_ttl = body.get("min_ttl", DEFAULT_MIN_TTL_SECONDS)
-    if isinstance(min_ttl, bool) or not isinstance(min_ttl, int) or not (0 <= min_ttl <= MAX_MIN_TTL_SECONDS):
+    if type(min_ttl) is not int or not (0 <= min_ttl <= MAX_MIN_TTL_SECONDS):
         raise InvalidRequestError(f"'min_ttl' must be an integer from 0 to {MAX_MIN_TTL_SECONDS}")
-    return TokenRequest(
-        tenant=tenant, resource=resource, app=app, roles=tuple(roles), min_ttl_seconds=min_ttl
-    )
+    return TokenRequest(tenant, resource, app, tuple(roles), min_ttl)
 
 
 def _parse_resource(resource: Any, scope: Any) -> str:
-    given = [v for v in (resource, scope) if v is not None]
-    if not given:
+    if resource is None and scope is None:
         raise InvalidRequestError("one of 'resource' or 'scope' is required")
-    if not all(isinstance(v, str) and 0 < len(v) <= 512 for v in given):
-        raise InvalidRequestError("'resource' and 'scope' must be strings")
-    if isinstance(scope, str) and not scope.endswith("/.default"):
+    for given in (resource, scope):
+        if given is not None and not (isinstance(given, str) and 0 < len(given) <= 512):
+            raise InvalidRequestError("'resource' and 'scope' must be strings")
+    if scope is not None and not scope.endswith("/.default"):
         raise InvalidRequestError("'scope' must be '{resource}/.default' (app tokens only)")
-    normalised = {normalise_resource(v) for v in given}
-    if len(normalised) != 1:
+    value, valid = _resource_value(resource if scope is None else scope)
+    if resource is not None and scope is not None and _resource_value(resource)[0] != value:
         raise InvalidRequestError("'resource' and 'scope' name different resources")
-    value = normalised.pop()
-    if not _RESOURCE_RE.fullmatch(value):
+    if not valid:
         raise InvalidRequestError("'resource' must be an https:// resource URI")
     return value
+
+
+@lru_cache(maxsize=256)  # callers name a handful of resources; bounded whatever they send
+def _resource_value(spelling: str) -> tuple[str, bool]:
+    """The resource ``spelling`` names (``normalise_resource``), and whether that is an https://
+    resource URI."""
+    value = normalise_resource(spelling)
+    return value, _RESOURCE_RE.fullmatch(value) is not None
 
 
 # --- middleware and handlers --------------------------------------------------------------------
@@ -130,12 +141,24 @@ def _parse_resource(resource: Any, scope: Any) -> str:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _request_id(request: web.BaseRequest) -> str:
+    """The caller's ``X-Request-ID`` when it is a sane one, else a fresh one; set for the logs."""
+    incoming = request.headers.get("X-Request-ID", "")
+    # A correlation id, not a secret: the PRNG is enough and spares a getrandom(2) per request.
+    request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else f"{random.getrandbits(64):016x}"
+    request_id_var.set(request_id)
+    return request_id
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request ids, and one rendering of every error as the contract's JSON body."""
-    incoming = request.headers.get("X-Request-ID", "")
-    request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else secrets.token_hex(8)
-    request_id_var.set(request_id)
+    return await guarded(request, handler, _request_id(request))
+
+
+async def guarded(request: web.Request, handler: Handler, request_id: str) -> web.StreamResponse:
+    """``handler(request)`` with every error rendered as the contract's JSON body, and the request id
+    on the response (``error_middleware``; the token endpoint ahead of the router calls it too)."""
     try:
         response = await handler(request)
     except BrokerError as exc:
@@ -163,8 +186,26 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     return response
 
 
+async def token_endpoint(app: web.Application, request: web.Request) -> web.StreamResponse:
+    """``POST /v1/token`` as the served app dispatches it, ahead of the router and middleware
+    (``app.dispatch_token_requests_first``): from memory when it can, else ``answer_token``."""
+    request_id = _request_id(request)
+    response = answer_from_memory(app, request, request_id)
+    if response is None:
+        return await guarded(request, partial(answer_token, app), request_id)
+    response.headers["X-Request-ID"] = request_id
+    return response
+
+
 async def token_handler(request: web.Request) -> web.Response:
+    """``POST /v1/token`` reached through the router and ``error_middleware`` (which set the request
+    id and put it on the response)."""
     app = request.app
+    return answer_from_memory(app, request, request_id_var.get() or "-") or await answer_token(app, request)
+
+
+async def answer_token(app: web.Application, request: web.BaseRequest) -> web.Response:
+    """``POST /v1/token`` through ``issue_token``, the path of every token surface."""
     settings = app[SETTINGS]
     issued = await issue_token(
         app,
@@ -172,6 +213,38 @@ async def token_handler(request: web.Request) -> web.Response:
         lambda: app[CALLERS].authenticate(request.headers.get("Authorization")),
         lambda: _read_token_request(request, settings.max_body_bytes, settings.body_timeout_seconds),
     )
+    return _token_response(issued)
+
+
+def answer_from_memory(
+    app: web.Application, request: web.BaseRequest, request_id: str
+) -> web.Response | None:
+    """The cache hit, flat and synchronous: a body that has all arrived (``_received_json``), a
+    caller known by one hash (``CallerRegistry.known_bearer``), a body ``orjson`` parses and
+    ``parse_token_request`` accepts, and a token ``TokenBroker.from_memory`` finds in L1. ``None``,
+    having recorded nothing, for anything else: ``answer_token`` then handles the request from the
+    start (errors included), with the same code for everything that decides the answer (parsing,
+    policy, key, L1, the response, metrics and the audit line)."""
+    started = time.perf_counter()
+    raw = _received_json(request, app[SETTINGS].max_body_bytes)
+    if raw is None:
+        return None
+    caller = app[CALLERS].known_bearer(request.headers.get("Authorization"))
+    issued = None
+    if caller is not None:
+        try:
+            token_request = parse_token_request(orjson.loads(raw))
+            issued = app[BROKER].from_memory(caller, token_request)
+        except (BrokerError, orjson.JSONDecodeError):
+            pass  # the general path raises the very same error (or json accepts what orjson did not)
+    if caller is None or issued is None:
+        request[_RECEIVED] = raw  # for the general path: the body cannot be read twice
+        return None
+    record_outcome(app, "v1", caller.name, token_request, issued, "ok", started, request_id)
+    return _token_response(issued)
+
+
+def _token_response(issued: Issued) -> web.Response:
     token = issued.token
     return _json_response(
         {
@@ -194,10 +267,9 @@ async def issue_token(
 ) -> Issued:
     """The one path of every token surface (``/v1/token``, the Entra-compatible endpoints, the
     managed-identity endpoint): authenticate the caller, parse its request, ``TokenBroker.get_token``;
-    then, whatever happened, the same metrics and one audit line naming the surface. Errors propagate
-    for the surface to render in its own protocol's shape."""
+    then, whatever happened, ``record_outcome`` (metrics, one audit line naming the surface). Errors
+    propagate for the surface to render in its own protocol's shape."""
     started = time.perf_counter()
-    metrics = app[METRICS]
     caller_name = "-"
     token_request: TokenRequest | None = None
     issued: Issued | None = None
@@ -212,51 +284,61 @@ async def issue_token(
         outcome = exc.error
         raise
     finally:
-        elapsed = time.perf_counter() - started
-        metrics.child(metrics.token_requests, caller_name, outcome).inc()
-        metrics.child(metrics.token_request_seconds, outcome).observe(elapsed)
-        app_name = (
-            issued.app if issued else app[BROKER].app_name(token_request.app) if token_request else None
+        record_outcome(
+            app, surface, caller_name, token_request, issued, outcome, started, request_id_var.get()
         )
-        tenant = app[BROKER].canonical_tenant(token_request.tenant) if token_request else None
-        _audit(app[AUDIT], surface, caller_name, token_request, tenant, app_name, issued, outcome, elapsed)
-    metrics.served_token_remaining_seconds.observe(int(issued.token.remaining_seconds()))
     return issued
 
 
-def _audit(
-    audit: AuditLog,
+def record_outcome(
+    app: web.Application,
     surface: str,
     caller: str,
     request: TokenRequest | None,
-    tenant: str | None,
-    app: str | None,
     issued: Issued | None,
     outcome: str,
-    elapsed: float,
+    started: float,
+    request_id: str | None,
 ) -> None:
-    """One line per token request: who asked for what, through which surface, and what happened
-    (never the token). ``tenant`` is the tenant's GUID (when known), ``tenant_requested`` the
-    spelling the caller sent."""
-    audit.write(
+    """The metrics and the audit line of one token request: who asked for what, through which
+    surface, and what happened (never the token). The audit's ``tenant`` is the tenant's GUID (when
+    known), ``tenant_requested`` the spelling the caller sent. Written before the answer is sent."""
+    elapsed = time.perf_counter() - started
+    metrics = app[METRICS]
+    broker = app[BROKER]
+    metrics.token_requests.inc(caller, outcome)
+    metrics.token_request_seconds.observe(elapsed, outcome)
+    if issued is not None:
+        metrics.served_token_remaining_seconds.observe(int(issued.token.remaining_seconds()))
+    app[AUDIT].write(
         {
             "caller": caller,
             "surface": surface,
-            "tenant": tenant,
+            "tenant": issued.tenant
+            if issued
+            else broker.canonical_tenant(request.tenant)
+            if request
+            else None,
             "tenant_requested": request.tenant if request else None,
-            "app": app,
+            "app": issued.app if issued else broker.app_name(request.app) if request else None,
             "resource": request.resource if request else None,
             "outcome": outcome,
             "cache_layer": issued.layer if issued else None,
             "latency_ms": round(elapsed * 1000, 3),
             "token_fingerprint": issued.token.fingerprint if issued else None,
             "uti": issued.token.uti if issued else None,
-        }
+        },
+        request_id=request_id,
     )
 
 
-async def _read_token_request(request: web.Request, limit: int, body_timeout_seconds: float) -> TokenRequest:
-    raw = await read_body(request, limit, "application/json", body_timeout_seconds)
+async def _read_token_request(
+    request: web.BaseRequest, limit: int, body_timeout_seconds: float
+) -> TokenRequest:
+    """The request's body, validated."""
+    raw = request.get(_RECEIVED)
+    if raw is None:
+        raw = await read_body(request, limit, "application/json", body_timeout_seconds)
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
@@ -264,11 +346,27 @@ async def _read_token_request(request: web.Request, limit: int, body_timeout_sec
     return parse_token_request(body)
 
 
-async def read_body(request: web.Request, limit: int, media_type: str, timeout_seconds: float) -> bytes:
+def _is_media_type(request: web.BaseRequest, media_type: str) -> bool:
+    return request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower() == media_type
+
+
+def _received_json(request: web.BaseRequest, limit: int) -> bytes | None:
+    """The body when all of it has already arrived, is JSON and within ``limit`` (the usual case: a
+    small body comes with its headers), taken without waiting; ``None`` otherwise, for ``read_body``
+    to read and judge."""
+    length = request.content_length
+    if length is None or length > limit or not request.content.is_eof():
+        return None
+    content_type = request.headers.get("Content-Type")
+    if content_type != "application/json" and not _is_media_type(request, "application/json"):
+        return None
+    return request.content.read_nowait()
+
+
+async def read_body(request: web.BaseRequest, limit: int, media_type: str, timeout_seconds: float) -> bytes:
     """The whole body, however many segments or chunks it arrives in: 415 for another media type,
     413 past ``limit``, 408 when it trickles in for longer than ``timeout_seconds``."""
-    content_type = request.headers.get("Content-Type", "")
-    if content_type.split(";", 1)[0].strip().lower() != media_type:
+    if not _is_media_type(request, media_type):
         raise UnsupportedMediaTypeError(f"Content-Type must be {media_type}")
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLargeError(f"request body larger than {limit} bytes")

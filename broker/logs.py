@@ -29,6 +29,9 @@ _ORJSON_OPTIONS = (
 )
 
 
+_AUDIT_OPTIONS = _ORJSON_OPTIONS | orjson.OPT_APPEND_NEWLINE
+
+
 class _Clock:
     """ISO-8601 UTC timestamps with milliseconds; strftime once per second, not once per line."""
 
@@ -84,22 +87,27 @@ class AuditLog:
         self._fd = fd
         self._clock = _Clock()
 
-    def write(self, fields: dict[str, Any], message: str = "token request") -> None:
-        entry: dict[str, Any] = {
+    def write(
+        self, fields: dict[str, Any], message: str = "token request", request_id: str | None = None
+    ) -> None:
+        """One line: ``fields`` after the usual head, with ``request_id`` (by default the one being
+        served, from the context)."""
+        if request_id is None:
+            request_id = request_id_var.get()
+        head = {
             "time": self._clock.iso(time.time()),
             "level": "INFO",
             "logger": "broker.audit",
             "message": message,
         }
-        request_id = request_id_var.get()
         if request_id is not None:
-            entry["request_id"] = request_id
-        entry.update(fields)
-        line = memoryview(
-            orjson.dumps(entry, default=str, option=_ORJSON_OPTIONS | orjson.OPT_APPEND_NEWLINE)
-        )
-        while line:
-            line = line[os.write(self._fd, line) :]
+            head["request_id"] = request_id
+        line = orjson.dumps({**head, **fields}, default=str, option=_AUDIT_OPTIONS)
+        written = os.write(self._fd, line)
+        if written < len(line):  # a pipe or file full for a moment: finish the line, never interleave
+            rest = memoryview(line)[written:]
+            while rest:
+                rest = rest[os.write(self._fd, rest) :]
 
 
 class _ParserErrorFilter(logging.Filter):

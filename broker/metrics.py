@@ -8,6 +8,9 @@ codes from Entra's finite list. Tenant ids are never labels (unbounded); per-ten
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 from prometheus_client import (
@@ -20,6 +23,10 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from broker import __version__
 
@@ -27,6 +34,77 @@ _M = TypeVar("_M", Counter, Histogram)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _REMAINING_BUCKETS = (60, 300, 600, 900, 1200, 1800, 2400, 3000, 3600, 4800, 5400)
+
+
+class LoopCounter(Collector):
+    """A labelled counter that only the event loop's thread updates: ``inc(*label_values)`` adds one
+    to a plain float, without the lock, label validation and child lookup of ``Counter.labels().inc()``
+    (the per-request path counts several of them). Exposed exactly as ``prometheus_client.Counter``
+    (``_total`` and ``_created`` per label set). Label values come from fixed sets and the
+    configuration, so the series are bounded; a scrape from another thread reads plain numbers."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
+    ) -> None:
+        self._name, self._documentation, self.labelnames = name, documentation, tuple(labelnames)
+        self._series: dict[tuple[str, ...], list[float]] = {}  # label values -> [value, created]
+        registry.register(self)
+
+    def inc(self, *label_values: str) -> None:
+        series = self._series.get(label_values)
+        if series is None:
+            series = self._series[label_values] = [0.0, time.time()]
+        series[0] += 1
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self.labelnames)
+        for label_values, (value, created) in list(self._series.items()):
+            family.add_metric(label_values, value, created=created)
+        yield family
+
+
+class LoopHistogram(Collector):
+    """A histogram that only the event loop's thread updates (``LoopCounter``'s reasons): one bisect
+    and two additions per observation. Exposed exactly as ``prometheus_client.Histogram``."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name, self._documentation, self.labelnames = name, documentation, tuple(labelnames)
+        self._bounds = [*map(float, buckets), float("inf")]
+        # prometheus_client's own spelling of the bounds ("0.0005", "1.0", "+Inf"); it is untyped.
+        self._le = [floatToGoString(bound) for bound in self._bounds]  # type: ignore[no-untyped-call]
+        # label values -> [count per bucket..., sum, created]
+        self._series: dict[tuple[str, ...], list[float]] = {}
+        if not self.labelnames:
+            self._new(())  # an unlabelled histogram is exposed before its first observation
+        registry.register(self)
+
+    def _new(self, label_values: tuple[str, ...]) -> list[float]:
+        series = self._series[label_values] = [0.0] * (len(self._bounds) + 1) + [time.time()]
+        return series
+
+    def observe(self, value: float, *label_values: str) -> None:
+        series = self._series.get(label_values) or self._new(label_values)
+        series[bisect_left(self._bounds, value)] += 1  # the first bucket whose bound is >= value
+        series[-2] += value
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self.labelnames)
+        for label_values, series in list(self._series.items()):
+            cumulative, buckets = 0.0, []
+            for le, count in zip(self._le, series, strict=False):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric(label_values, buckets, series[-2])
+            labels = dict(zip(self.labelnames, label_values, strict=True))
+            family.samples.append(Sample(f"{self._name}_created", labels, series[-1]))
+        yield family
 
 
 class Metrics:
@@ -40,24 +118,22 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
-        self.token_requests = Counter(
-            "broker_token_requests",
-            "Token requests by caller and outcome.",
-            ["caller", "outcome"],
-            registry=r,
+        # Updated on every request: lock-free, on the event loop's thread only.
+        self.token_requests = LoopCounter(
+            "broker_token_requests", "Token requests by caller and outcome.", ["caller", "outcome"], r
         )
-        self.token_request_seconds = Histogram(
+        self.token_request_seconds = LoopHistogram(
             "broker_token_request_seconds",
             "Token request latency by outcome.",
             ["outcome"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
+            r,
         )
-        self.cache_lookups = Counter(
+        self.cache_lookups = LoopCounter(
             "broker_cache_lookups",
             "Token cache lookups by layer (l1|redis) and result (hit|miss|error).",
             ["layer", "result"],
-            registry=r,
+            r,
         )
         self.upstream_requests = Counter(
             "broker_upstream_requests",
@@ -112,11 +188,12 @@ class Metrics:
             "Tokens held in this process's L1 cache.",
             registry=r,
         )
-        self.served_token_remaining_seconds = Histogram(
+        self.served_token_remaining_seconds = LoopHistogram(
             "broker_served_token_remaining_seconds",
             "Remaining lifetime of tokens handed to callers.",
-            buckets=_REMAINING_BUCKETS,
-            registry=r,
+            [],
+            _REMAINING_BUCKETS,
+            r,
         )
         self.credential_failures = Counter(
             "broker_credential_failures",

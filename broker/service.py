@@ -28,8 +28,8 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from broker.cache import Lease
 from broker.config import GUID_RE
@@ -98,12 +98,12 @@ class TenantLedger(Protocol):
     ) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Issued:
+class Issued(NamedTuple):
     """A token handed to a caller, with where it came from (for the audit line)."""
 
     token: AccessToken
     app: str
+    tenant: str  # the key's tenant: its GUID (with a tenant directory)
     layer: str  # l1 | redis | entra | singleflight
 
 
@@ -152,6 +152,7 @@ class TokenBroker:
         self._scheduler = FairScheduler(options.max_concurrent_acquisitions)
         self._refreshing: dict[TokenKey, float] = {}  # key -> monotonic time of the last attempt
         self._background: set[asyncio.Task[None]] = set()
+        self._only_app = next(iter(apps)) if len(apps) == 1 else ""
 
     async def close(self) -> None:
         tasks = list(self._background) + [task for task, _ in self._inflight.values()]
@@ -162,33 +163,59 @@ class TokenBroker:
     # --- the request path -------------------------------------------------------------------------
 
     def resolve(self, caller: Caller, request: TokenRequest) -> TokenKey:
-        """Apply policy and return the cache key; raises 400/403 errors."""
+        """Apply policy and return the cache key (the tenant as spelled); raises 400/403 errors."""
+        tenant = request.tenant.lower()
+        return TokenKey(self._admit(caller, request, tenant), tenant, request.resource)
+
+    def _admit(self, caller: Caller, request: TokenRequest, named: str) -> str:
+        """The app ``request`` is for, once the caller's policy admits it for the tenant its policy
+        calls ``named``; raises 400/403 errors."""
         if request.app is None:
             if len(self._apps) != 1:
                 raise InvalidRequestError(
                     "several apps are configured: name one in 'app'", apps=sorted(self._apps)
                 )
-            app_name = next(iter(self._apps))
+            app_name = self._only_app
         elif request.app in self._apps:
             app_name = request.app
         else:
             raise InvalidRequestError(f"unknown app {request.app!r}")
-        app = self._apps[app_name]
-        caller.check(tenant=request.tenant, app=app_name)
-        if request.resource not in app.resources:
+        caller.check(tenant=named, app=app_name)
+        resources = self._apps[app_name].resources
+        if request.resource not in resources:
             raise AccessDeniedError(
                 f"resource {request.resource} is not allowed for app {app_name!r}",
-                allowed_resources=list(app.resources),
+                allowed_resources=list(resources),
             )
-        return TokenKey(app_name, request.tenant.lower(), request.resource)
+        return app_name
+
+    def known_key(self, caller: Caller, request: TokenRequest) -> TokenKey | None:
+        """``canonical_key`` when it needs nothing but this process's memory: the tenant's GUID known
+        and the policy decided by an entry naming the spelling or the GUID (or ``*``). ``None`` when
+        ``canonical_key`` has more to find out; the policy's refusals are raised as it raises them."""
+        spelling = request.tenant.lower()
+        if self._tenants is None:
+            return TokenKey(self._admit(caller, request, spelling), spelling, request.resource)
+        tenant = self._tenants.known(spelling)
+        if tenant is None:
+            return None
+        policy = caller.tenants
+        if "*" in policy or spelling in policy:
+            named = spelling
+        elif tenant in policy:
+            named = tenant
+        else:
+            return None  # a domain in the policy may name this tenant: canonical_key resolves it
+        return TokenKey(self._admit(caller, request, named), tenant, request.resource)
 
     async def canonical_key(self, caller: Caller, request: TokenRequest) -> TokenKey:
         """``resolve`` with the tenant named by its GUID: a domain is resolved (once, shared; paid from
         the caller's budget), and the policy admits the request when any of its entries names that
         GUID, by GUID or by domain. A caller the tenant is not for learns nothing about it (403, never
         whether a domain exists)."""
-        if self._tenants is None:
-            return self.resolve(caller, request)
+        key = self.known_key(caller, request)
+        if key is not None or self._tenants is None:
+            return key if key is not None else self.resolve(caller, request)
         spelling = request.tenant.lower()
         party = _Party(caller.name, caller.max_acquisitions_per_minute)
         wildcard = "*" in caller.tenants
@@ -199,34 +226,56 @@ class TokenBroker:
                 self.resolve(caller, request)  # raises the refusal the policy makes of the spelling
             raise
         named = spelling if wildcard else await self._tenants.policy_name(caller.tenants, spelling, tenant)
-        key = self.resolve(caller, request if named is None else replace(request, tenant=named))
-        return TokenKey(key.app, tenant, key.resource)
+        return TokenKey(
+            self._admit(caller, request, spelling if named is None else named), tenant, request.resource
+        )
 
     def canonical_tenant(self, spelling: str) -> str | None:
         """The GUID ``spelling`` names, when this process knows it without asking (audit lines)."""
         return self._tenants.known(spelling) if self._tenants is not None else spelling.lower()
+
+    def from_memory(self, caller: Caller, request: TokenRequest) -> Issued | None:
+        """``get_token`` when this process's memory answers it whole: the key known (``known_key``)
+        and its token in L1, valid for ``min_ttl`` and holding every role asked for. ``None``, having
+        changed nothing, otherwise (``get_token`` then serves it); policy refusals are raised."""
+        key = self.known_key(caller, request)
+        if key is None:
+            return None
+        token = self._cache.get_local(key)
+        if (
+            token is None
+            or not token.valid_for(request.min_ttl_seconds)
+            or token.missing_roles(request.roles)
+        ):
+            return None
+        return self._l1_hit(key, token, request)
 
     async def get_token(self, caller: Caller, request: TokenRequest) -> Issued:
         key = await self.canonical_key(caller, request)
         min_ttl = request.min_ttl_seconds
         token = self._cache.get_local(key)
         if token is not None and token.valid_for(min_ttl):
-            self._metrics.child(self._metrics.cache_lookups, "l1", "hit").inc()
-            self._maybe_refresh(key, token)
-            layer = "l1"
-        else:
-            self._metrics.child(self._metrics.cache_lookups, "l1", "miss").inc()
-            token, layer = await self._fetch(
-                key, min_ttl, _Party(caller.name, caller.max_acquisitions_per_minute)
-            )
-        missing = token.missing_roles(request.roles)
+            return self._l1_hit(key, token, request)
+        self._metrics.cache_lookups.inc("l1", "miss")
+        token, layer = await self._fetch(
+            key, min_ttl, _Party(caller.name, caller.max_acquisitions_per_minute)
+        )
+        return self._issue(key, token, layer, request)
+
+    def _l1_hit(self, key: TokenKey, token: AccessToken, request: TokenRequest) -> Issued:
+        self._metrics.cache_lookups.inc("l1", "hit")
+        self._maybe_refresh(key, token)
+        return self._issue(key, token, "l1", request)
+
+    def _issue(self, key: TokenKey, token: AccessToken, layer: str, request: TokenRequest) -> Issued:
+        missing = token.missing_roles(request.roles) if request.roles else None
         if missing:
             raise InsufficientConsentError(
                 f"the token for tenant {request.tenant} lacks roles {', '.join(missing)}",
                 missing_roles=missing,
                 consent_url=self._source.consent_url(key),
             )
-        return Issued(token, key.app, layer)
+        return Issued(token, key.app, key.tenant, layer)
 
     async def acquire_fresh(self, key: TokenKey, party: str, per_minute: int | None) -> AccessToken:
         """Forget ``key``'s remembered failure (on every replica) and acquire a token from Entra now,

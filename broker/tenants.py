@@ -115,12 +115,16 @@ class TenantResolver:
         self._flights: dict[str, asyncio.Task[str]] = {}
 
     def known(self, spelling: str) -> str | None:
-        """The GUID ``spelling`` names when that is known without asking anyone (audit lines)."""
+        """The GUID ``spelling`` names when that is known without asking anyone (a request served
+        from memory, audit lines); a domain found is kept as recently used."""
         spelling = spelling.lower()
         if GUID_RE.fullmatch(spelling):
             return spelling
         hit = self._known.get(spelling)
-        return hit[0] if hit is not None and hit[1] > self._clock() else None
+        if hit is None or hit[1] <= self._clock():
+            return None
+        self._known.move_to_end(spelling)
+        return hit[0]
 
     def domains_of(self, tenant: str) -> tuple[str, ...]:
         """The domains this process has resolved to ``tenant``."""

@@ -13,24 +13,25 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 DEFAULT_MIN_TTL_SECONDS = 300
 MAX_MIN_TTL_SECONDS = 3000
 
 
-@dataclass(frozen=True, slots=True)
-class TokenKey:
-    """One cache entry: tokens are never shared across app, tenant or resource."""
+class TokenKey(NamedTuple):
+    """One cache entry: tokens are never shared across app, tenant or resource.
+
+    A named tuple, not a dataclass: it is built and hashed on every request, and a tuple's
+    construction and hash are C code (a frozen dataclass hashes a fresh tuple of its fields)."""
 
     app: str
-    tenant: str  # as requested, lower-cased: GUID or domain
+    tenant: str  # the tenant's GUID (lower-cased), or the requested spelling without a directory
     resource: str
 
 
-@dataclass(frozen=True, slots=True)
-class TokenRequest:
-    """A validated ``POST /v1/token`` body."""
+class TokenRequest(NamedTuple):
+    """A validated ``POST /v1/token`` body (a named tuple for the reason ``TokenKey`` is one)."""
 
     tenant: str
     resource: str

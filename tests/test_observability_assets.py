@@ -19,7 +19,7 @@ from prometheus_client import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.metrics import Metrics
+from broker.metrics import LoopCounter, LoopHistogram, Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_PATH = ROOT / "deploy" / "grafana" / "token-broker-dashboard.json"
@@ -52,6 +52,10 @@ def exposed() -> dict[str, frozenset[str]]:
     for metric in vars(metrics).values():
         if isinstance(metric, MetricWrapperBase) and metric._labelnames:
             metric.labels(*["x"] * len(metric._labelnames))
+        elif isinstance(metric, LoopCounter) and metric.labelnames:
+            metric.inc(*["x"] * len(metric.labelnames))
+        elif isinstance(metric, LoopHistogram) and metric.labelnames:
+            metric.observe(0.0, *["x"] * len(metric.labelnames))
     labels: dict[str, set[str]] = {"up": set()}
     for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
         for sample in family.samples:
