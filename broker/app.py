@@ -295,7 +295,7 @@ def dispatch_token_requests_first(runner: web.AppRunner, app: web.Application) -
     The one use of aiohttp beyond its documented API: ``web.Server.request_handler``, the function
     each new connection's ``RequestHandler`` calls for every request (set to ``Application._handle``
     by ``AppRunner.setup``). pyproject.toml pins the aiohttp range it was checked with, and
-    ``tests/test_dispatch.py`` fails loudly if an upgrade moves it.
+    ``tests/test_flat_path.py`` fails loudly if an upgrade moves it.
     """
     server = runner.server
     if server is None or not callable(getattr(server, "request_handler", None)):

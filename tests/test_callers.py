@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from broker.callers import CallerRegistry, hash_api_key, new_api_key
+from broker.callers import Caller, CallerRegistry, hash_api_key, new_api_key
 from broker.config import Settings, parse_settings
 from broker.errors import AccessDeniedError, InvalidClientError
 from broker.oidc import JwksFetcher
@@ -156,6 +156,30 @@ async def test_service_account_tokens_rs256_and_es256(issuer: Issuer, kid: str) 
     assert "siem" == (await reg.authenticate(f"Bearer {token}")).name
     assert "siem" == (await reg.authenticate(f"Bearer {token}")).name
     assert 1 == source.reads
+
+
+async def test_known_bearer_answers_only_what_authenticate_would_accept(issuer: Issuer) -> None:
+    """The one-hash lookup of the cache-hit path: an exact ``Bearer <key>``, or a service-account
+    token once ``authenticate`` verified it and until it expires; ``None`` (left to ``authenticate``)
+    for every other spelling, valid or not, and it remembers nothing by itself."""
+    reg, _ = registry(issuer)
+    assert "soar" == (reg.known_bearer(f"Bearer {KEY}") or Caller("-", frozenset(), frozenset())).name
+    for other in (
+        None,
+        "",
+        f"bearer {KEY}",
+        f"Bearer  {KEY}",
+        f"Bearer {KEY} ",
+        "Bearer wrong",
+        "Bearer \udcff",
+    ):
+        assert reg.known_bearer(other) is None, other
+    token = issuer.token("rsa-1")
+    assert reg.known_bearer(f"Bearer {token}") is None  # never verified here: authenticate's job
+    assert "siem" == (await reg.authenticate(f"Bearer {token}")).name
+    assert "siem" == (reg.known_bearer(f"Bearer {token}") or Caller("-", frozenset(), frozenset())).name
+    expired = issuer.token("rsa-1", exp_in=-3600)
+    assert reg.known_bearer(f"Bearer {expired}") is None
 
 
 @pytest.mark.parametrize(

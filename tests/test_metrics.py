@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, generate_latest
+import re
 
-from broker.metrics import Metrics
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+
+from broker.metrics import LoopCounter, LoopHistogram, Metrics
 
 
 def test_registry_exposes_process_python_and_gc_series() -> None:
@@ -29,3 +31,30 @@ def test_two_instances_in_one_process_do_not_clash() -> None:
     for metrics in (first, second):
         assert 1 == generate_latest(metrics.registry).count(b"\nprocess_resident_memory_bytes ")
     assert before.count(b"broker_") == generate_latest(REGISTRY).count(b"broker_")
+
+
+def test_loop_metrics_are_exposed_exactly_as_prometheus_client_metrics() -> None:
+    """``LoopCounter`` and ``LoopHistogram`` (the lock-free per-request metrics) and the
+    prometheus_client classes they replace, given the same updates, expose the same text, bucket
+    edges included (a value on a bound counts in that bucket); only the _created times differ."""
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    counter = Counter("t_requests", "Requests.", ["caller", "outcome"], registry=theirs)
+    loop_counter = LoopCounter("t_requests", "Requests.", ["caller", "outcome"], ours)
+    histogram = Histogram("t_seconds", "Latency.", ["outcome"], buckets=(0.0005, 0.001, 2.5), registry=theirs)
+    loop_histogram = LoopHistogram("t_seconds", "Latency.", ["outcome"], (0.0005, 0.001, 2.5), ours)
+    plain = Histogram("t_remaining", "Remaining.", buckets=(60, 3600), registry=theirs)
+    loop_plain = LoopHistogram("t_remaining", "Remaining.", [], (60, 3600), ours)
+    for n, value in enumerate((0.0001, 0.0005, 0.00051, 0.001, 2.5, 7.0, 0.0)):
+        outcome = "ok" if n % 3 else "access_denied"
+        counter.labels("soar", outcome).inc()
+        loop_counter.inc("soar", outcome)
+        histogram.labels(outcome).observe(value)
+        loop_histogram.observe(value, outcome)
+        plain.observe(value * 1000)
+        loop_plain.observe(value * 1000)
+
+    def text(registry: CollectorRegistry) -> str:
+        return re.sub(r"(_created(?:\{[^}]*\})?) \S+", r"\1 T", generate_latest(registry).decode())
+
+    assert text(theirs) == text(ours)
+    assert 'outcome="ok"} 4.0' in text(ours)
