@@ -11,6 +11,7 @@ sweep) runs under one ``Supervisor``: a task that dies is logged, counted
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.resources
 import logging
 import random
@@ -255,6 +256,10 @@ async def serve(settings: Settings, *, ready: Callable[[], None] | None = None) 
     side = web.AppRunner(create_metrics_app(metrics), access_log=None, handle_signals=False)
     await api.setup()
     dispatch_token_requests_first(api, application)
+    # Everything built so far (modules, SDK clients, configuration) lives as long as the process:
+    # out of the collector's sight, a full collection no longer walks it (a pause of tens of
+    # milliseconds, and a few microseconds a request when amortised, in a serving process).
+    gc.freeze()
     await side.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

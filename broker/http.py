@@ -143,9 +143,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _request_id(request: web.BaseRequest) -> str:
     """The caller's ``X-Request-ID`` when it is a sane one, else a fresh one; set for the logs."""
-    incoming = request.headers.get("X-Request-ID", "")
-    # A correlation id, not a secret: the PRNG is enough and spares a getrandom(2) per request.
-    request_id = incoming if _REQUEST_ID_RE.fullmatch(incoming) else f"{random.getrandbits(64):016x}"
+    incoming = request.headers.get("X-Request-ID")
+    if incoming is not None and _REQUEST_ID_RE.fullmatch(incoming):
+        request_id = incoming
+    else:  # a correlation id, not a secret: the PRNG is enough and spares a getrandom(2) a request
+        request_id = f"{random.getrandbits(64):016x}"
     request_id_var.set(request_id)
     return request_id
 
