@@ -13,7 +13,7 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +82,19 @@ def write_wrk_script(path: Path, tenants: Sequence[str], key: str, resource: str
 
 
 def run_wrk(
-    script: Path, base_url: str, *, connections: int, threads: int, seconds: float, url_path: str
+    script: Path,
+    base_url: str,
+    *,
+    connections: int,
+    threads: int,
+    seconds: float,
+    url_path: str,
+    cpus: Collection[int] | None = None,
 ) -> dict[str, Any]:
+    """One wrk run; with ``cpus``, wrk runs on those CPUs only (``taskset -c``)."""
+    pinned = ["taskset", "-c", ",".join(str(c) for c in sorted(cpus))] if cpus else []
     command = [
+        *pinned,
         "wrk",
         f"-t{threads}",
         f"-c{connections}",
