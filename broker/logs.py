@@ -33,17 +33,23 @@ _AUDIT_OPTIONS = _ORJSON_OPTIONS | orjson.OPT_APPEND_NEWLINE
 
 
 class _Clock:
-    """ISO-8601 UTC timestamps with milliseconds; strftime once per second, not once per line."""
+    """ISO-8601 UTC timestamps with milliseconds: strftime once a second, the string once a
+    millisecond (busy replicas write several lines in one)."""
 
     def __init__(self) -> None:
         self._second = -1
         self._stamp = ""
+        self._millisecond = -1
+        self._iso = ""
 
     def iso(self, created: float) -> str:
-        second = int(created)
-        if second != self._second:
-            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{int((created - second) * 1000):03d}Z"
+        millisecond = int(created * 1000)
+        if millisecond != self._millisecond:
+            second, fraction = divmod(millisecond, 1000)
+            if second != self._second:
+                self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._millisecond, self._iso = millisecond, f"{self._stamp}.{fraction:03d}Z"
+        return self._iso
 
 
 class JsonFormatter(logging.Formatter):
