@@ -306,11 +306,12 @@ def dispatch_token_requests_first(runner: web.AppRunner, app: web.Application) -
     if server is None or not callable(getattr(server, "request_handler", None)):
         raise RuntimeError("aiohttp's Server.request_handler is gone: see dispatch_token_requests_first")
     routed = server.request_handler
+    parts = http.token_parts(app)  # the components, built at startup (runner.setup ran it)
 
     async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
         if request.method == "POST" and request.raw_path == "/v1/token":
             # AppRunner's request factory makes web.Request objects (without a route: none was looked up).
-            return await http.token_endpoint(app, cast("web.Request", request))
+            return await http.token_endpoint(app, parts, cast("web.Request", request))
         return await routed(request)
 
     server.request_handler = dispatch

@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from functools import lru_cache, partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import web
@@ -188,11 +188,26 @@ async def guarded(request: web.Request, handler: Handler, request_id: str) -> we
     return response
 
 
-async def token_endpoint(app: web.Application, request: web.Request) -> web.StreamResponse:
+class TokenParts(NamedTuple):
+    """The components a token request needs, looked up once (``token_parts``) instead of once per
+    use in ``app[...]`` (the served app's dispatcher keeps them for its lifetime)."""
+
+    settings: Settings
+    callers: CallerRegistry
+    broker: TokenBroker
+    metrics: Metrics
+    audit: AuditLog
+
+
+def token_parts(app: web.Application) -> TokenParts:
+    return TokenParts(app[SETTINGS], app[CALLERS], app[BROKER], app[METRICS], app[AUDIT])
+
+
+async def token_endpoint(app: web.Application, parts: TokenParts, request: web.Request) -> web.StreamResponse:
     """``POST /v1/token`` as the served app dispatches it, ahead of the router and middleware
     (``app.dispatch_token_requests_first``): from memory when it can, else ``answer_token``."""
     request_id = _request_id(request)
-    response = answer_from_memory(app, request, request_id)
+    response = answer_from_memory(parts, request, request_id)
     if response is None:
         return await guarded(request, partial(answer_token, app), request_id)
     response.headers["X-Request-ID"] = request_id
@@ -203,7 +218,9 @@ async def token_handler(request: web.Request) -> web.Response:
     """``POST /v1/token`` reached through the router and ``error_middleware`` (which set the request
     id and put it on the response)."""
     app = request.app
-    return answer_from_memory(app, request, request_id_var.get() or "-") or await answer_token(app, request)
+    return answer_from_memory(token_parts(app), request, request_id_var.get() or "-") or await answer_token(
+        app, request
+    )
 
 
 async def answer_token(app: web.Application, request: web.BaseRequest) -> web.Response:
@@ -218,9 +235,7 @@ async def answer_token(app: web.Application, request: web.BaseRequest) -> web.Re
     return _token_response(issued)
 
 
-def answer_from_memory(
-    app: web.Application, request: web.BaseRequest, request_id: str
-) -> web.Response | None:
+def answer_from_memory(parts: TokenParts, request: web.BaseRequest, request_id: str) -> web.Response | None:
     """The cache hit, flat and synchronous: a body that has all arrived (``_received_json``), a
     caller known by one hash (``CallerRegistry.known_bearer``), a body ``orjson`` parses and
     ``parse_token_request`` accepts, and a token ``TokenBroker.from_memory`` finds in L1. ``None``,
@@ -228,21 +243,21 @@ def answer_from_memory(
     start (errors included), with the same code for everything that decides the answer (parsing,
     policy, key, L1, the response, metrics and the audit line)."""
     started = time.perf_counter()
-    raw = _received_json(request, app[SETTINGS].max_body_bytes)
+    raw = _received_json(request, parts.settings.max_body_bytes)
     if raw is None:
         return None
-    caller = app[CALLERS].known_bearer(request.headers.get("Authorization"))
+    caller = parts.callers.known_bearer(request.headers.get("Authorization"))
     issued = None
     if caller is not None:
         try:
             token_request = parse_token_request(orjson.loads(raw))
-            issued = app[BROKER].from_memory(caller, token_request)
+            issued = parts.broker.from_memory(caller, token_request)
         except (BrokerError, orjson.JSONDecodeError):
             pass  # the general path raises the very same error (or json accepts what orjson did not)
     if caller is None or issued is None:
         request[_RECEIVED] = raw  # for the general path: the body cannot be read twice
         return None
-    record_outcome(app, "v1", caller.name, token_request, issued, "ok", started, request_id)
+    record_outcome(parts, "v1", caller.name, token_request, issued, "ok", started, request_id)
     return _token_response(issued)
 
 
@@ -272,6 +287,7 @@ async def issue_token(
     then, whatever happened, ``record_outcome`` (metrics, one audit line naming the surface). Errors
     propagate for the surface to render in its own protocol's shape."""
     started = time.perf_counter()
+    parts = token_parts(app)
     caller_name = "-"
     token_request: TokenRequest | None = None
     issued: Issued | None = None
@@ -280,20 +296,20 @@ async def issue_token(
         caller = await authenticate()
         caller_name = caller.name
         token_request = await parse()
-        issued = await app[BROKER].get_token(caller, token_request)
+        issued = await parts.broker.get_token(caller, token_request)
         outcome = "ok"
     except BrokerError as exc:
         outcome = exc.error
         raise
     finally:
         record_outcome(
-            app, surface, caller_name, token_request, issued, outcome, started, request_id_var.get()
+            parts, surface, caller_name, token_request, issued, outcome, started, request_id_var.get()
         )
     return issued
 
 
 def record_outcome(
-    app: web.Application,
+    parts: TokenParts,
     surface: str,
     caller: str,
     request: TokenRequest | None,
@@ -306,13 +322,12 @@ def record_outcome(
     surface, and what happened (never the token). The audit's ``tenant`` is the tenant's GUID (when
     known), ``tenant_requested`` the spelling the caller sent. Written before the answer is sent."""
     elapsed = time.perf_counter() - started
-    metrics = app[METRICS]
-    broker = app[BROKER]
+    metrics, broker = parts.metrics, parts.broker
     metrics.token_requests.inc(caller, outcome)
     metrics.token_request_seconds.observe(elapsed, outcome)
     if issued is not None:
         metrics.served_token_remaining_seconds.observe(int(issued.token.remaining_seconds()))
-    app[AUDIT].write(
+    parts.audit.write(
         {
             "caller": caller,
             "surface": surface,
