@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from broker import admin
 from broker.cache import TokenCache
@@ -58,8 +58,8 @@ _MAX_ROLES = 64
 _MAX_ROLE_LENGTH = 256
 _NO_ROLES: tuple[str, ...] = ()  # "roles" absent (JSON has no tuples, so this is never a body's value)
 # Every JSON answer's headers, built once (aiohttp copies them into each response).
-_JSON_HEADERS = CIMultiDict(
-    {"Content-Type": "application/json", "Cache-Control": "no-store", "Pragma": "no-cache"}
+_JSON_HEADERS = CIMultiDictProxy(
+    CIMultiDict({"Content-Type": "application/json", "Cache-Control": "no-store", "Pragma": "no-cache"})
 )
 _RECEIVED = web.RequestKey("received_body", bytes)  # the body _received_json took
 _RESOURCE_RE = re.compile(r"https://[A-Za-z0-9.-]+(:\d+)?(/[A-Za-z0-9._~%/-]*)?")

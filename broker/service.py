@@ -242,11 +242,9 @@ class TokenBroker:
         if key is None:
             return None
         token = self._cache.get_local(key)
-        if (
-            token is None
-            or not token.valid_for(request.min_ttl_seconds)
-            or token.missing_roles(request.roles)
-        ):
+        if token is None or not token.valid_for(request.min_ttl_seconds):
+            return None
+        if request.roles and token.missing_roles(request.roles):
             return None
         return self._l1_hit(key, token, request)
 
