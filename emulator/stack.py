@@ -29,6 +29,7 @@ import requests
 import yaml
 
 STARTUP_TIMEOUT_SECONDS: Final = 20.0
+PORT_RETRIES: Final = 2  # BrokerProcess: starts again on other ports when the one it picked was taken
 
 
 def free_port() -> int:
@@ -139,6 +140,7 @@ class BrokerProcess:
         self.log_path = workdir / f"{name}.log"
         # Chosen by the caller when the configuration must name it (public_base_url).
         self.port = port or free_port()
+        self._own_port = port is None
         self.metrics_port = free_port()
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
@@ -150,7 +152,12 @@ class BrokerProcess:
     def start(self, *, wait: bool = True) -> None:
         """Start the process; unless ``wait`` is False, return once /healthz answers (see
         ``wait_ready``: several replicas start faster side by side than one after another)."""
-        self._log = self.log_path.open("ab")
+        self._spawn("ab")
+        if wait:
+            self.wait_ready()
+
+    def _spawn(self, log_mode: str) -> None:
+        self._log = self.log_path.open(log_mode)
         self.process = subprocess.Popen(  # noqa: S603 - our own interpreter running our own CLI
             [
                 sys.executable,
@@ -168,11 +175,24 @@ class BrokerProcess:
             stderr=self._log,
             env=self.env,
         )
-        if wait:
-            self.wait_ready()
 
     def wait_ready(self) -> None:
-        wait_until(self._healthy, STARTUP_TIMEOUT_SECONDS, f"broker (log: {self.log_path})")
+        """Wait for /healthz. A port picked by ``free_port`` can be taken by another socket (any
+        outgoing connection's ephemeral port) before the broker binds it: then the broker is started
+        again on other ports, with a fresh log (at most ``PORT_RETRIES`` times)."""
+        for attempt in range(PORT_RETRIES + 1):
+            try:
+                wait_until(self._healthy, STARTUP_TIMEOUT_SECONDS, f"broker (log: {self.log_path})")
+            except RuntimeError:
+                taken = "address already in use" in self.log_text()
+                if not (taken and attempt < PORT_RETRIES):
+                    raise
+                self._log.close()
+                self.port = free_port() if self._own_port else self.port
+                self.metrics_port = free_port()
+                self._spawn("wb")
+            else:
+                return
 
     def _healthy(self) -> bool:
         if self.process is not None and self.process.poll() is not None:

@@ -3,6 +3,7 @@ the emulator throttling or failing, Key Vault down, a rejected credential, SIGTE
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -259,3 +260,21 @@ def test_entra_timeout_is_retried(world: World, start_broker: StartBroker) -> No
         10,
         "the abandoned slow answer",
     )
+
+
+def test_a_port_taken_before_the_broker_binds_it_is_picked_again(world: World, tmp_path: Path) -> None:
+    """The harness picks free ports and the broker binds them a moment later; a socket that takes the
+    port in between (any outgoing connection's ephemeral port) makes the broker exit with "address
+    already in use": it is started again on other ports, with a fresh log of JSON lines only."""
+    broker = BrokerProcess(tmp_path, world.broker_config(), world.env, "squatted")
+    squatted = broker.port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", squatted))
+        squatter.listen()
+        try:
+            broker.start()
+            assert squatted != broker.port
+            assert 200 == requests.get(f"{broker.url}/healthz", timeout=5).status_code
+            assert all(isinstance(line, dict) for line in broker.log_lines())
+        finally:
+            broker.stop()
