@@ -26,7 +26,7 @@ from broker import http
 from broker.app import dispatch_token_requests_first
 from broker.cache import TokenCache
 from broker.callers import CallerRegistry, new_api_key
-from broker.config import Settings, parse_settings
+from broker.config import Settings
 from broker.logs import AuditLog
 from broker.metrics import Metrics
 from broker.service import TokenBroker
@@ -34,6 +34,7 @@ from broker.tenants import TenantResolver
 from broker.vault import CredentialStore
 from tests.support import free_port
 from tests.test_service_limits import DEFENDER, TENANTS, FakeSource
+from tests.test_service_limits import _settings as settings_with_callers
 from tests.test_tenants import CountingDiscovery
 
 CONTOSO = TENANTS[1]
@@ -42,23 +43,7 @@ HUNTER_KEY, HUNTER_HASH = new_api_key()  # its policy names contoso by domain on
 
 
 def _settings() -> Settings:
-    return parse_settings(
-        {
-            "apps": {
-                "defender": {
-                    "client_id": "0f0e0d0c-0b0a-4999-8888-777766665555",
-                    "credential": {"env": "UNIT_TEST_UNSET_SECRET"},
-                    "resources": [DEFENDER],
-                }
-            },
-            "callers": {
-                "soar": {"api_key_sha256": CALLER_HASH, "tenants": ["*"], "apps": ["defender"]},
-                "hunter": {"api_key_sha256": HUNTER_HASH, "tenants": ["contoso.com"], "apps": ["defender"]},
-            },
-            "max_body_bytes": 4096,
-        },
-        environ={},
-    )
+    return settings_with_callers(CALLER_HASH, {"api_key_sha256": HUNTER_HASH, "tenants": ["contoso.com"]})
 
 
 @dataclass

@@ -54,7 +54,9 @@ class FakeSource:
         return f"https://login.example/{key.tenant}/adminconsent"
 
 
-def _settings(soar_hash: str, **caller: Any) -> Settings:
+def _settings(soar_hash: str, hunter: dict[str, Any] | None = None, **caller: Any) -> Settings:
+    """One app; ``soar`` (every tenant, ``caller`` overrides) and ``hunter`` (one tenant, unless
+    ``hunter`` overrides it)."""
     return parse_settings(
         {
             "apps": {
@@ -70,6 +72,7 @@ def _settings(soar_hash: str, **caller: Any) -> Settings:
                     "api_key_sha256": new_api_key()[1],
                     "tenants": [TENANTS[0]],
                     "apps": ["defender"],
+                    **(hunter or {}),
                 },
             },
         },
