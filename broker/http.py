@@ -34,7 +34,7 @@ from broker.errors import (
     RequestTimeoutError,
     UnsupportedMediaTypeError,
 )
-from broker.logs import AuditLog, request_id_var
+from broker.logs import AuditLog, TokenAudit, request_id_var
 from broker.metrics import Metrics
 from broker.service import Issued, TokenBroker
 from broker.tokens import DEFAULT_MIN_TTL_SECONDS, MAX_MIN_TTL_SECONDS, TokenRequest
@@ -56,6 +56,7 @@ _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _FIELDS = frozenset({"tenant", "resource", "scope", "app", "roles", "min_ttl"})
 _MAX_ROLES = 64
 _MAX_ROLE_LENGTH = 256
+_MEMO_BODY_BYTES = 512  # bodies up to this size have their parse remembered (_memo_parsed)
 _NO_ROLES: tuple[str, ...] = ()  # "roles" absent (JSON has no tuples, so this is never a body's value)
 # Every JSON answer's headers, built once (aiohttp copies them into each response).
 _JSON_HEADERS = CIMultiDictProxy(
@@ -110,6 +111,17 @@ def parse_token_request(body: Any) -> TokenRequest:
     if type(min_ttl) is not int or not (0 <= min_ttl <= MAX_MIN_TTL_SECONDS):
         raise InvalidRequestError(f"'min_ttl' must be an integer from 0 to {MAX_MIN_TTL_SECONDS}")
     return TokenRequest(tenant, resource, app, tuple(roles), min_ttl)
+
+
+def _parsed(raw: bytes) -> TokenRequest:
+    """``raw`` parsed by ``orjson`` and validated (raises ``orjson.JSONDecodeError`` or the
+    ``InvalidRequestError`` of ``parse_token_request``)."""
+    return parse_token_request(orjson.loads(raw))
+
+
+# Callers send the same few bodies over and over (a tenant, a resource): the small ones' parse is
+# remembered, bounded whatever they send (a body that fails to parse is not remembered).
+_memo_parsed = lru_cache(maxsize=1024)(_parsed)
 
 
 def _parse_resource(resource: Any, scope: Any) -> str:
@@ -250,7 +262,7 @@ def answer_from_memory(parts: TokenParts, request: web.BaseRequest, request_id: 
     issued = None
     if caller is not None:
         try:
-            token_request = parse_token_request(orjson.loads(raw))
+            token_request = _memo_parsed(raw) if len(raw) <= _MEMO_BODY_BYTES else _parsed(raw)
             issued = parts.broker.from_memory(caller, token_request)
         except (BrokerError, orjson.JSONDecodeError):
             pass  # the general path raises the very same error (or json accepts what orjson did not)
@@ -322,31 +334,41 @@ def record_outcome(
     surface, and what happened (never the token). The audit's ``tenant`` is the tenant's GUID (when
     known), ``tenant_requested`` the spelling the caller sent. Written before the answer is sent."""
     elapsed = time.perf_counter() - started
-    metrics, broker = parts.metrics, parts.broker
+    metrics = parts.metrics
     metrics.token_requests.inc(caller, outcome)
     metrics.token_request_seconds.observe(elapsed, outcome)
-    if issued is not None:
-        metrics.served_token_remaining_seconds.observe(int(issued.token.remaining_seconds()))
-    parts.audit.write(
-        {
-            "caller": caller,
-            "surface": surface,
-            "tenant": issued.tenant
-            if issued
-            else broker.canonical_tenant(request.tenant)
-            if request
-            else None,
-            "tenant_requested": request.tenant if request else None,
-            "app": issued.app if issued else broker.app_name(request.app) if request else None,
-            "resource": request.resource if request else None,
-            "outcome": outcome,
-            "cache_layer": issued.layer if issued else None,
-            "latency_ms": round(elapsed * 1000, 3),
-            "token_fingerprint": issued.token.fingerprint if issued else None,
-            "uti": issued.token.uti if issued else None,
-        },
-        request_id=request_id,
-    )
+    if issued is not None and request is not None:
+        token = issued.token
+        metrics.served_token_remaining_seconds.observe(int(token.remaining_seconds()))
+        said = TokenAudit(
+            caller,
+            surface,
+            issued.tenant,
+            request.tenant,
+            issued.app,
+            request.resource,
+            outcome,
+            issued.layer,
+            token.fingerprint,
+            token.uti,
+        )
+    elif request is not None:
+        broker = parts.broker
+        said = TokenAudit(
+            caller,
+            surface,
+            broker.canonical_tenant(request.tenant),
+            request.tenant,
+            broker.app_name(request.app),
+            request.resource,
+            outcome,
+            None,
+            None,
+            None,
+        )
+    else:
+        said = TokenAudit(caller, surface, None, None, None, None, outcome, None, None, None)
+    parts.audit.token_request(said, round(elapsed * 1000, 3), request_id)
 
 
 async def _read_token_request(

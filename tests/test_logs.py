@@ -6,13 +6,15 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from broker.logs import AuditLog, JsonFormatter, _ParserErrorFilter, request_id_var
+from broker import logs
+from broker.logs import AuditLog, JsonFormatter, TokenAudit, _ParserErrorFilter, request_id_var
 from broker.tokens import AccessToken, fingerprint
 
 SECRET_TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJ0aWQiOiJ0In0.c2lnbmF0dXJl"
@@ -114,6 +116,75 @@ def test_audit_line_is_one_json_line_per_write_and_hides_tokens(tmp_path: Path) 
     assert ("soar", "ok", "l1") == (first["caller"], first["outcome"], first["cache_layer"])
     assert "access_denied" == second["outcome"]
     assert "request_id" not in second
+
+
+_TIME = re.compile(rb'^\{"time":"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z",')
+
+
+def _audit_lines(path: Path) -> list[bytes]:
+    """The file's lines with their (valid) timestamps blanked, so lines written apart compare."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert all(_TIME.match(line) for line in lines)
+    return [_TIME.sub(b'{"time":"-",', line) for line in lines]
+
+
+SAID = [
+    TokenAudit("soar", "v1", "t-guid", "Contoso.COM", "defender", "https://r", "ok", "l1", "fp", "uti"),
+    TokenAudit("soar", "v1", "t-guid", "t-guid", "defender", "https://r", "ok", "redis", "fp", None),
+    TokenAudit(
+        'we"ird\\ caller \u00e9\u2028',
+        "oauth-v2",
+        None,
+        "x.example",
+        None,
+        "https://r",
+        "access_denied",
+        None,
+        None,
+        None,
+    ),
+    TokenAudit("-", "managed-identity", None, None, None, None, "invalid_client", None, None, None),
+]
+
+
+@pytest.mark.parametrize("request_id", [None, "req-9"])
+def test_a_token_request_line_is_byte_for_byte_the_generic_line(
+    tmp_path: Path, request_id: str | None
+) -> None:
+    """``token_request`` (serialised parts remembered) writes exactly what ``write`` writes for the
+    same fields with ``latency_ms`` after ``cache_layer``: same keys, order, escaping and newline,
+    on the first write of a line and on the remembered ones."""
+    fast, generic = tmp_path / "fast.log", tmp_path / "generic.log"
+    with fast.open("wb") as fast_sink, generic.open("wb") as generic_sink:
+        audit, reference = AuditLog(fast_sink.fileno()), AuditLog(generic_sink.fileno())
+        for latency in (0.0, 0.123, 12.5, 30000.001):
+            for said in SAID:
+                audit.token_request(said, latency, request_id)
+                fields = said._asdict()
+                ordered = (
+                    dict(list(fields.items())[:8]) | {"latency_ms": latency} | dict(list(fields.items())[8:])
+                )
+                reference.write(ordered, request_id=request_id)
+    assert _audit_lines(fast) == _audit_lines(generic)
+    assert len(_audit_lines(fast)) == 16
+
+
+def test_the_remembered_token_lines_are_bounded(tmp_path: Path) -> None:
+    """Distinct lines beyond the memo's size (a caller sending many tenant spellings) evict the
+    oldest: the memo stays bounded and every line is still written right."""
+    path = tmp_path / "audit.log"
+    count = logs._SAID_MEMO_SIZE + 50
+    with path.open("wb") as sink:
+        audit = AuditLog(sink.fileno())
+        for n in range(count):
+            audit.token_request(SAID[0]._replace(tenant_requested=f"t{n}.example"), 1.0, None)
+        audit.token_request(SAID[0]._replace(tenant_requested="t0.example"), 2.0, None)
+        assert len(audit._said) == logs._SAID_MEMO_SIZE
+    lines = [json.loads(line) for line in path.read_bytes().splitlines()]
+    assert [line["tenant_requested"] for line in lines] == [f"t{n}.example" for n in range(count)] + [
+        "t0.example"
+    ]
+    assert lines[-1]["latency_ms"] == 2.0
 
 
 def test_malformed_request_log_keeps_only_the_exception_class() -> None:
