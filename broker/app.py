@@ -308,11 +308,12 @@ def dispatch_token_requests_first(runner: web.AppRunner, app: web.Application) -
     routed = server.request_handler
     parts = http.token_parts(app)  # the components, built at startup (runner.setup ran it)
 
-    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+    def dispatch(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        # Returns the handler's coroutine for aiohttp to await (no coroutine of its own).
         if request.method == "POST" and request.raw_path == "/v1/token":
             # AppRunner's request factory makes web.Request objects (without a route: none was looked up).
-            return await http.token_endpoint(app, parts, cast("web.Request", request))
-        return await routed(request)
+            return http.token_endpoint(app, parts, cast("web.Request", request))
+        return routed(request)
 
     server.request_handler = dispatch
 
