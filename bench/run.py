@@ -409,6 +409,31 @@ def run_rounds(targets: Sequence[Target], args: argparse.Namespace, key: str) ->
             )
 
 
+def side_by_side(pair: Sequence[Target], args: argparse.Namespace, key: str) -> dict[str, Any]:
+    """Broker L and the baseline loaded at the same moment (one wrk each), sharing the server CPU: the
+    scheduler gives each the same share of the same CPU at the same time, so the ratio of their
+    requests/s is the ratio of their CPU costs per request, whatever the machine's speed does between
+    rounds (which interleaving only averages out). Reported beside the interleaved ratio, not a target."""
+    seconds = max(1.0, args.duration / 2)
+    ratios, errors = [], 0
+    with ThreadPoolExecutor(len(pair)) as pool:
+        for round_no in range(args.rounds):
+            broker, base = pool.map(lambda target: drive(target, args, key, seconds), pair)
+            errors += broker["errors"] + base["errors"]
+            ratios.append(broker["rps"] / base["rps"] if base["rps"] else 0.0)
+            log(
+                f"side by side {round_no + 1}/{args.rounds}: broker rps={broker['rps']:8.0f} "
+                f"baseline rps={base['rps']:8.0f} ratio={ratios[-1]:.3f}"
+            )
+    return {
+        "rounds": args.rounds,
+        "seconds": seconds,
+        "rps_ratio": spread(ratios),
+        "per_round": [round(r, 3) for r in ratios],
+        "errors": errors,
+    }
+
+
 def cold_herd(world: World, herd: Sequence[BrokerProcess], n_requests: int) -> dict[str, Any]:
     """``herd``: replicas started with the others but never asked anything yet (empty L1)."""
     replicas = len(herd)
@@ -824,6 +849,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.monotonic()
         run_rounds(targets, args, world.caller_key)
         timings["load_s"] = round(time.monotonic() - t0, 2)
+        t0 = time.monotonic()
+        together = side_by_side(targets[:2], args, world.caller_key)
+        timings["side_by_side_s"] = round(time.monotonic() - t0, 2)
         l1_after = [l1_counts(big), l1_counts(small)]
         upstream_during_load = emulator.counters()["token"] - upstream_warm
         l1_misses_during_load = sum(a[1] - b[1] for a, b in zip(l1_after, l1_before, strict=True))
@@ -871,6 +899,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "cold_path": cold,
                 "memory": {"per_cached_tenant": per_tenant, "growth_nonexistent_tenants": growth},
                 "profile": profile,
+                "side_by_side": together,
             },
             timings,
             body_bytes,
@@ -905,6 +934,7 @@ def report(
 ) -> dict[str, Any]:
     """The JSON summary; prints the table (min / median / max over the rounds, verdicts on medians)."""
     herd, spelling, cold, profile = parts["herd"], parts["spelling"], parts["cold_path"], parts["profile"]
+    together = parts["side_by_side"]
     per_tenant = parts["memory"]["per_cached_tenant"]
     growth = parts["memory"]["growth_nonexistent_tenants"]
     broker, base, small = (summarise(t.runs) for t in targets)
@@ -974,7 +1004,7 @@ def report(
         },
     }
     problems = []
-    if broker["errors"] or base["errors"] or small["errors"]:
+    if broker["errors"] or base["errors"] or small["errors"] or together["errors"]:
         problems.append("non-2xx or socket errors during load")
     if checks["upstream_token_requests_during_load"] or checks["l1_misses_during_load"]:
         problems.append("load runs were not all L1 cache hits")
@@ -1019,6 +1049,7 @@ def report(
             "broker": broker,
             "baseline": base,
             "paired_round_ratios": paired,
+            "side_by_side": together,
         },
         "flat_lookup": {
             "ratio": flat_ratios,
@@ -1069,6 +1100,7 @@ def report(
         row("  baseline p99 ms", base["over_rounds"]["p99_ms"], ".2f"),
         row("  broker CPU us/request", broker["over_rounds"]["server_cpu_us_per_request"], ".0f"),
         row("  baseline CPU us/request", base["over_rounds"]["server_cpu_us_per_request"], ".0f"),
+        row("  rps ratio, side by side on one CPU", together["rps_ratio"], ".2f", "reported"),
         row(
             f"flat lookup p50, {args.tenants} / {SMALL_SET} tenants",
             flat_ratios,

@@ -56,7 +56,6 @@ _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _FIELDS = frozenset({"tenant", "resource", "scope", "app", "roles", "min_ttl"})
 _MAX_ROLES = 64
 _MAX_ROLE_LENGTH = 256
-_MEMO_BODY_BYTES = 512  # bodies up to this size have their parse remembered (_memo_parsed)
 _NO_ROLES: tuple[str, ...] = ()  # "roles" absent (JSON has no tuples, so this is never a body's value)
 # Every JSON answer's headers, built once (aiohttp copies them into each response).
 _JSON_HEADERS = CIMultiDictProxy(
@@ -111,17 +110,6 @@ def parse_token_request(body: Any) -> TokenRequest:
     if type(min_ttl) is not int or not (0 <= min_ttl <= MAX_MIN_TTL_SECONDS):
         raise InvalidRequestError(f"'min_ttl' must be an integer from 0 to {MAX_MIN_TTL_SECONDS}")
     return TokenRequest(tenant, resource, app, tuple(roles), min_ttl)
-
-
-def _parsed(raw: bytes) -> TokenRequest:
-    """``raw`` parsed by ``orjson`` and validated (raises ``orjson.JSONDecodeError`` or the
-    ``InvalidRequestError`` of ``parse_token_request``)."""
-    return parse_token_request(orjson.loads(raw))
-
-
-# Callers send the same few bodies over and over (a tenant, a resource): the small ones' parse is
-# remembered, bounded whatever they send (a body that fails to parse is not remembered).
-_memo_parsed = lru_cache(maxsize=1024)(_parsed)
 
 
 def _parse_resource(resource: Any, scope: Any) -> str:
@@ -262,7 +250,7 @@ def answer_from_memory(parts: TokenParts, request: web.BaseRequest, request_id: 
     issued = None
     if caller is not None:
         try:
-            token_request = _memo_parsed(raw) if len(raw) <= _MEMO_BODY_BYTES else _parsed(raw)
+            token_request = parse_token_request(orjson.loads(raw))
             issued = parts.broker.from_memory(caller, token_request)
         except (BrokerError, orjson.JSONDecodeError):
             pass  # the general path raises the very same error (or json accepts what orjson did not)

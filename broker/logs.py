@@ -96,12 +96,6 @@ class TokenAudit(NamedTuple):
     uti: str | None
 
 
-# A token request's line: the head, then TokenAudit's fields with latency_ms after cache_layer.
-_TOKEN_HEAD = b'{"time":"%b","level":"INFO","logger":"broker.audit","message":"token request"'
-_LATENCY_AFTER = TokenAudit._fields.index("cache_layer") + 1
-_SAID_MEMO_SIZE = 4096  # distinct (caller, tenant, resource, token, outcome, ...) lines remembered
-
-
 class AuditLog:
     """The audit trail: one JSON line per token request, in the same shape and on the same stream as
     the ``broker.audit`` logger would write it, but without the ``logging`` machinery (record objects,
@@ -115,9 +109,6 @@ class AuditLog:
     def __init__(self, fd: int = 2) -> None:
         self._fd = fd
         self._clock = _Clock()
-        # TokenAudit -> its fields serialised, split where latency_ms goes: the same few lines are
-        # written over and over (one caller, one tenant, one token until it is renewed).
-        self._said: dict[TokenAudit, tuple[bytes, bytes]] = {}
 
     def write(
         self, fields: dict[str, Any], message: str = "token request", request_id: str | None = None
@@ -137,33 +128,29 @@ class AuditLog:
         self._write_line(orjson.dumps({**head, **fields}, default=str, option=_AUDIT_OPTIONS))
 
     def token_request(self, said: TokenAudit, latency_ms: float, request_id: str | None) -> None:
-        """The line of one token request: byte for byte what ``write`` makes of ``said``'s fields with
-        ``latency_ms`` after ``cache_layer``, built from ``said`` serialised once (``_serialised``)."""
-        before, after = self._said.get(said) or self._serialised(said)
-        self._write_line(
-            b'%b%b,%b,"latency_ms":%b,%b}\n'
-            % (
-                _TOKEN_HEAD % self._clock.iso(time.time()).encode(),
-                b"" if request_id is None else b',"request_id":' + orjson.dumps(request_id),
-                before,
-                orjson.dumps(latency_ms),
-                after,
-            )
-        )
-
-    def _serialised(self, said: TokenAudit) -> tuple[bytes, bytes]:
-        fields = said._asdict()
-        names = TokenAudit._fields
-        before = orjson.dumps(
-            {k: fields[k] for k in names[:_LATENCY_AFTER]}, default=str, option=_ORJSON_OPTIONS
-        )
-        after = orjson.dumps(
-            {k: fields[k] for k in names[_LATENCY_AFTER:]}, default=str, option=_ORJSON_OPTIONS
-        )
-        if len(self._said) >= _SAID_MEMO_SIZE:
-            del self._said[next(iter(self._said))]  # the oldest: bounded whatever callers send
-        parts = self._said[said] = (before[1:-1], after[1:-1])
-        return parts
+        """The line of one token request: what ``write`` makes of ``said``'s fields with ``latency_ms``
+        after ``cache_layer`` (byte for byte), built as one dict."""
+        line = {
+            "time": self._clock.iso(time.time()),
+            "level": "INFO",
+            "logger": "broker.audit",
+            "message": "token request",
+            "request_id": request_id,
+            "caller": said.caller,
+            "surface": said.surface,
+            "tenant": said.tenant,
+            "tenant_requested": said.tenant_requested,
+            "app": said.app,
+            "resource": said.resource,
+            "outcome": said.outcome,
+            "cache_layer": said.cache_layer,
+            "latency_ms": latency_ms,
+            "token_fingerprint": said.token_fingerprint,
+            "uti": said.uti,
+        }
+        if request_id is None:
+            del line["request_id"]
+        self._write_line(orjson.dumps(line, default=str, option=_AUDIT_OPTIONS))
 
     def _write_line(self, line: bytes) -> None:
         written = os.write(self._fd, line)

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from broker import logs
 from broker.logs import AuditLog, JsonFormatter, TokenAudit, _ParserErrorFilter, request_id_var
 from broker.tokens import AccessToken, fingerprint
 
@@ -151,9 +150,8 @@ SAID = [
 def test_a_token_request_line_is_byte_for_byte_the_generic_line(
     tmp_path: Path, request_id: str | None
 ) -> None:
-    """``token_request`` (serialised parts remembered) writes exactly what ``write`` writes for the
-    same fields with ``latency_ms`` after ``cache_layer``: same keys, order, escaping and newline,
-    on the first write of a line and on the remembered ones."""
+    """``token_request`` writes exactly what ``write`` writes for the same fields with ``latency_ms``
+    after ``cache_layer``: same keys, order, escaping and newline."""
     fast, generic = tmp_path / "fast.log", tmp_path / "generic.log"
     with fast.open("wb") as fast_sink, generic.open("wb") as generic_sink:
         audit, reference = AuditLog(fast_sink.fileno()), AuditLog(generic_sink.fileno())
@@ -167,24 +165,6 @@ def test_a_token_request_line_is_byte_for_byte_the_generic_line(
                 reference.write(ordered, request_id=request_id)
     assert _audit_lines(fast) == _audit_lines(generic)
     assert len(_audit_lines(fast)) == 16
-
-
-def test_the_remembered_token_lines_are_bounded(tmp_path: Path) -> None:
-    """Distinct lines beyond the memo's size (a caller sending many tenant spellings) evict the
-    oldest: the memo stays bounded and every line is still written right."""
-    path = tmp_path / "audit.log"
-    count = logs._SAID_MEMO_SIZE + 50
-    with path.open("wb") as sink:
-        audit = AuditLog(sink.fileno())
-        for n in range(count):
-            audit.token_request(SAID[0]._replace(tenant_requested=f"t{n}.example"), 1.0, None)
-        audit.token_request(SAID[0]._replace(tenant_requested="t0.example"), 2.0, None)
-        assert len(audit._said) == logs._SAID_MEMO_SIZE
-    lines = [json.loads(line) for line in path.read_bytes().splitlines()]
-    assert [line["tenant_requested"] for line in lines] == [f"t{n}.example" for n in range(count)] + [
-        "t0.example"
-    ]
-    assert lines[-1]["latency_ms"] == 2.0
 
 
 def test_malformed_request_log_keeps_only_the_exception_class() -> None:
