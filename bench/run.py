@@ -412,8 +412,10 @@ def run_rounds(targets: Sequence[Target], args: argparse.Namespace, key: str) ->
 def side_by_side(pair: Sequence[Target], args: argparse.Namespace, key: str) -> dict[str, Any]:
     """Broker L and the baseline loaded at the same moment (one wrk each), sharing the server CPU: the
     scheduler gives each the same share of the same CPU at the same time, so the ratio of their
-    requests/s is the ratio of their CPU costs per request, whatever the machine's speed does between
-    rounds (which interleaving only averages out). Reported beside the interleaved ratio, not a target."""
+    requests/s follows their CPU costs per request whatever the machine's speed does between rounds
+    (which interleaving only averages out). It reads lower than the interleaved ratio: the two also
+    share that CPU's caches, and the broker's working set is the larger (bench/README.md). Reported
+    beside the interleaved ratio, not a target."""
     seconds = max(1.0, args.duration / 2)
     ratios, errors = [], 0
     with ThreadPoolExecutor(len(pair)) as pool:
