@@ -63,6 +63,7 @@ from redis.exceptions import (
     MaxConnectionsError,
     NoPermissionError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     WatchError,
@@ -250,6 +251,11 @@ class _Names:
 
 
 RedisClient: TypeAlias = Redis | RedisCluster
+# What a Redis call can raise when Redis (not the broker) is the problem. The cluster client raises
+# RedisClusterException, which is no RedisError, when no node is reachable or a slot has no node.
+REDIS_FAILURES: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
+# The purge listener's: redis-py's pub/sub also raises these two on a connection it lost mid-read.
+_LISTENER_FAILURES: tuple[type[Exception], ...] = (*REDIS_FAILURES, RuntimeError, AttributeError)
 # The scope Azure Cache for Redis and Azure Managed Redis accept tokens for (Entra ID authentication).
 ENTRA_REDIS_SCOPE = "https://redis.azure.com/.default"
 # Connection errors are retried this many times, with jittered exponential backoff, on every command:
@@ -390,7 +396,11 @@ class EntraRedisCredentials(CredentialProvider):
         self._username = username
         self._token: SimpleToken | None = None
         self._lock = asyncio.Lock()
-        self.generation = 0  # bumped at every new token (the purge listener resubscribes)
+        self.generation = 0  # bumped at every new token
+        # The generation every pooled connection now carries (set once a renewal re-authenticated
+        # them): the purge listener resubscribes then, so its new subscription cannot take a pooled
+        # connection that still carries the previous token.
+        self.pooled_generation = 0
         self.last_error: str | None = None
 
     def get_credentials(self) -> tuple[str] | tuple[str, str]:
@@ -461,22 +471,44 @@ class EntraRedisCredentials(CredentialProvider):
                 # The credential handed back the same token (its own cache): ask again a little later.
                 await asyncio.sleep(max(ENTRA_RETRY_MIN_SECONDS, (token.ttl() / 1000) / 4))
                 continue
+            generation = self.generation  # the token's (no await since _renew returned it)
             await _re_authenticate(client, token, metrics)
+            self.pooled_generation = generation
 
 
 async def _re_authenticate(client: RedisClient, token: SimpleToken, metrics: Metrics) -> None:
-    """``AUTH`` every pooled connection of ``client`` (every node's in cluster mode) with ``token``."""
-    pools: list[Any] = client.get_nodes() if isinstance(client, RedisCluster) else [client.connection_pool]
-    for pool in pools:
-        try:
-            await pool.re_auth_callback(token)
-        except (RedisError, OSError) as exc:
-            # That pool's idle connections go: new ones authenticate with the new token.
-            metrics.redis_failures.labels(reason=_failure_reason(exc)).inc()
-            log.warning("redis re-authentication failed", extra={"reason": type(exc).__name__})
-            with contextlib.suppress(RedisError, OSError):
-                await pool.disconnect(inuse_connections=False)
+    """``AUTH`` every pooled connection of ``client`` (every node's in cluster mode) with ``token``.
+
+    A connection pool re-authenticates its idle connections at once and its busy ones when they are
+    returned. A cluster node re-authenticates only its idle ones: its busy ones are marked to
+    reconnect when their command is done (a new connection authenticates with the new token): once
+    ``re_auth_callback`` returns, every connection of the node is idle and re-authenticated, or busy.
+    The startup nodes too: redis-py keeps the connection it read the slot map through in a node object
+    of their own, idle until the next topology refresh asks them first."""
+    if isinstance(client, RedisCluster):
+        nodes = {id(node): node for node in client.get_nodes()}
+        nodes.update((id(node), node) for node in client.nodes_manager.startup_nodes.values())
+        for node in nodes.values():
+            await _re_authenticate_pool(node, token, metrics, node.disconnect_free_connections)
+            node.update_active_connections_for_reconnect()
+    else:
+        pool = client.connection_pool
+        await _re_authenticate_pool(pool, token, metrics, lambda: pool.disconnect(inuse_connections=False))
     log.info("redis connections re-authenticated with a renewed Entra token")
+
+
+async def _re_authenticate_pool(
+    pool: Any, token: SimpleToken, metrics: Metrics, drop_idle: Callable[[], Awaitable[None]]
+) -> None:
+    """``pool.re_auth_callback(token)``; if that fails, the pool's idle connections go (new ones
+    authenticate with the new token)."""
+    try:
+        await pool.re_auth_callback(token)
+    except REDIS_FAILURES as exc:
+        metrics.redis_failures.labels(reason=_failure_reason(exc)).inc()
+        log.warning("redis re-authentication failed", extra={"reason": type(exc).__name__})
+        with contextlib.suppress(*REDIS_FAILURES):
+            await drop_idle()
 
 
 def _token_claim(token: str, claim: str) -> str | None:
@@ -734,19 +766,19 @@ class TokenCache:
                 await self._redis.initialize()  # its pub/sub needs the slot map first
             pubsub = await self._subscribe()
             try:
-                generation = self._credentials.generation if self._credentials else 0
+                generation = self._credentials.pooled_generation if self._credentials else 0
                 # With Entra tokens, look for a renewed one every second (a token's renewal margin is
                 # minutes); otherwise the wait only bounds how long a cancellation takes.
                 poll_seconds = 1.0 if self._credentials else 5.0
                 while True:
-                    if self._credentials is not None and self._credentials.generation != generation:
-                        # A renewed Entra token: move to a connection authenticated with it before
+                    if self._credentials is not None and self._credentials.pooled_generation != generation:
+                        # A renewed Entra token, now on every pooled connection: move to one before
                         # the old token expires. Subscribe first, then leave: no gap (a purge seen
                         # twice is applied twice, harmlessly).
-                        generation = self._credentials.generation
+                        generation = self._credentials.pooled_generation
                         fresh = await self._subscribe()
                         pubsub, old = fresh, pubsub
-                        with contextlib.suppress(RedisError, OSError):
+                        with contextlib.suppress(*REDIS_FAILURES):
                             await old.aclose()
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=poll_seconds)
                     if message is None or message.get("type") != "message":
@@ -755,9 +787,9 @@ class TokenCache:
                     dropped = self.purge_local(tenant)
                     log.info("purge broadcast received", extra={"tenant": tenant, "dropped": dropped})
             finally:
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*REDIS_FAILURES):
                     await pubsub.aclose()
-        except (RedisError, OSError, RuntimeError, AttributeError) as exc:
+        except _LISTENER_FAILURES as exc:
             if isinstance(exc, RuntimeError | AttributeError) and not _raised_by_client(exc):
                 raise  # ours: the supervisor logs it with its traceback
             self._record_failure("subscribe", exc, count=False)
@@ -769,7 +801,7 @@ class TokenCache:
         try:
             await pubsub.subscribe(PURGE_CHANNEL)
         except BaseException:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 await pubsub.aclose()
             raise
         return pubsub
@@ -816,7 +848,7 @@ class TokenCache:
                 "redis refused a command", extra={"operation": operation, "reason": _failure_reason(exc)}
             )
             return DOWN
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             self._record_failure(operation, exc)
             now = time.monotonic()
             if _is_slow(exc):
@@ -1140,7 +1172,7 @@ class TokenCache:
                 deleted = list(await pipe.execute())
             message = json.dumps({"tenant": tenant, "domains": sorted(candidates)[:64]})
             notified = int(await redis.publish(OFFBOARD_CHANNEL, message))
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             # The class name only: redis-py's messages can quote the URL (and its password).
             raise SharedCacheError(type(exc).__name__) from None
         removed: dict[str, Any] = dict.fromkeys(_REMOVED_AS.values(), 0)
@@ -1169,7 +1201,7 @@ class TokenCache:
                         continue
                     forget(*found)
                     log.info("offboarding broadcast received", extra={"tenant": found[0]})
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             log.warning("offboarding listener lost Redis; restarting", extra={"reason": type(exc).__name__})
 
 
@@ -1251,7 +1283,7 @@ async def purge_tenant(
         removed = int(await redis.delete(*names)) if names else 0
         published = int(await redis.publish(PURGE_CHANNEL, tenant))
         notified = await _subscribers(redis) if isinstance(redis, RedisCluster) else published
-    except (RedisError, OSError) as exc:
+    except REDIS_FAILURES as exc:
         # The reason and class name only: redis-py's messages can quote the URL (and its password).
         raise SharedCacheError(f"{_failure_reason(exc)} ({type(exc).__name__})") from None
     finally:

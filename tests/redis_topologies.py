@@ -58,9 +58,11 @@ def valkey_binary() -> str:
 
 
 class Cluster:
-    """Three masters (no replicas) sharing the 16,384 slots, built by ``redis-cli --cluster create``."""
+    """Three masters (no replicas) sharing the 16,384 slots, built by ``redis-cli --cluster create``.
 
-    def __init__(self, workdir: Path) -> None:
+    ``node_args(i)`` adds arguments to node ``i``'s command line (TLS, an announced port)."""
+
+    def __init__(self, workdir: Path, node_args: Callable[[int], list[str]] | None = None) -> None:
         self.nodes: list[RedisServer] = []
         for i in range(3):
             node_dir = workdir / f"node{i}"
@@ -78,6 +80,7 @@ class Cluster:
                         "2000",
                         "--cluster-port",
                         str(free_port()),
+                        *(node_args(i) if node_args is not None else []),
                     ],
                 )
             )
@@ -89,6 +92,10 @@ class Cluster:
     def start(self) -> None:
         for node in self.nodes:
             node.start()
+        self.create()
+
+    def create(self) -> None:
+        """Join the started nodes into one cluster and wait until every node says it is ok."""
         cli = shutil.which("redis-cli")
         assert cli is not None, "redis-cli comes with redis-server (make install)"
         subprocess.run(
@@ -234,26 +241,45 @@ def tls_files(directory: Path) -> TlsFiles:
     return files
 
 
+def tls_arguments(files: TlsFiles, tls_port: int, *, client_certificates: bool) -> list[str]:
+    """redis-server's arguments for a TLS port beside its plain (admin) port."""
+    return [
+        "--tls-port",
+        str(tls_port),
+        "--tls-cert-file",
+        str(files.server_cert),
+        "--tls-key-file",
+        str(files.server_key),
+        "--tls-ca-cert-file",
+        str(files.ca),
+        "--tls-auth-clients",
+        "yes" if client_certificates else "no",
+    ]
+
+
 def tls_server(directory: Path, files: TlsFiles, *, client_certificates: bool) -> tuple[RedisServer, int]:
     """A redis-server with a plain admin port and a TLS port; the TLS port."""
     tls_port = free_port()
-    server = RedisServer(
-        directory,
-        [
-            "--tls-port",
-            str(tls_port),
-            "--tls-cert-file",
-            str(files.server_cert),
-            "--tls-key-file",
-            str(files.server_key),
-            "--tls-ca-cert-file",
-            str(files.ca),
-            "--tls-auth-clients",
-            "yes" if client_certificates else "no",
-        ],
-    )
+    server = RedisServer(directory, tls_arguments(files, tls_port, client_certificates=client_certificates))
     server.start()
     return server, tls_port
+
+
+def tls_cluster(directory: Path, files: TlsFiles) -> tuple[Cluster, list[int]]:
+    """A ``Cluster`` whose nodes also have TLS ports and talk TLS to each other on the cluster bus
+    (a TLS client is told the nodes' TLS ports); the TLS ports. Not started."""
+    ports = [free_port() for _ in range(3)]
+    return Cluster(
+        directory,
+        lambda i: [*tls_arguments(files, ports[i], client_certificates=False), "--tls-cluster", "yes"],
+    ), ports
+
+
+def client_ports(port: int) -> set[int]:
+    """The local ports of the clients connected to the redis-server whose admin port is ``port``
+    (which of its listeners they came through)."""
+    clients = admin(port).client_list()
+    return {int(str(c["laddr"]).rsplit(":", 1)[1]) for c in clients}
 
 
 # --- the Entra gate ---------------------------------------------------------------------------------
@@ -279,11 +305,13 @@ class EntraGate:
     AUDIENCE = "https://redis.azure.com"
     SECRET = "gate-password"
 
-    def __init__(self, backend: RedisServer, public_key: Any, object_id: str) -> None:
+    def __init__(
+        self, backend: RedisServer, public_key: Any, object_id: str, port: int | None = None
+    ) -> None:
         self.backend = backend
         self.public_key = public_key
         self.object_id = object_id
-        self.port = free_port()
+        self.port = port or free_port()
         self.stats = GateStats()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -365,6 +393,46 @@ class EntraGate:
             for writer in (client_writer, server_writer):
                 with contextlib.suppress(OSError, RuntimeError):
                     writer.close()
+
+
+class GatedCluster:
+    """A ``Cluster`` with an Entra gate in front of every node, each node announcing its gate's port:
+    a cluster client, which connects to the nodes ``CLUSTER SLOTS`` names, reaches every node through
+    its gate (as Azure's clustered caches take Entra tokens on every node)."""
+
+    def __init__(self, workdir: Path, public_key: Any, object_id: str) -> None:
+        ports = [free_port() for _ in range(3)]
+        self.cluster = Cluster(workdir, lambda i: ["--cluster-announce-port", str(ports[i])])
+        self.gates = [
+            EntraGate(node, public_key, object_id, port)
+            for node, port in zip(self.cluster.nodes, ports, strict=True)
+        ]
+        self._started: list[EntraGate] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.gates[0].port}/0"
+
+    @property
+    def expired_cuts(self) -> int:
+        return sum(gate.stats.expired_cuts for gate in self.gates)
+
+    @property
+    def rejected(self) -> int:
+        return sum(gate.stats.rejected for gate in self.gates)
+
+    def start(self) -> None:
+        for node in self.cluster.nodes:
+            node.start()
+        for gate in self.gates:  # before the cluster forms: redis-cli checks it through the gates
+            gate.start()
+            self._started.append(gate)
+        self.cluster.create()
+
+    def stop(self) -> None:
+        for gate in self._started:
+            gate.stop()
+        self.cluster.stop()
 
 
 async def _read_command(reader: asyncio.StreamReader) -> list[bytes] | None:

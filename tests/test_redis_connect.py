@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 from azure.identity.aio import ClientSecretCredential
 
-from broker.cache import EntraRedisCredentials, Lease, TokenCache, connect_redis, purge_tenant
+from broker.cache import PURGE_CHANNEL, EntraRedisCredentials, Lease, TokenCache, connect_redis, purge_tenant
 from broker.config import CacheOptions, RedisOptions
 from broker.crypto import Sealer, new_key, parse_key
 from broker.metrics import Metrics
@@ -29,9 +30,12 @@ from emulator.stack import RedisServer
 from tests.redis_topologies import (
     Cluster,
     EntraGate,
+    GatedCluster,
     TlsFiles,
     admin,
+    client_ports,
     started,
+    tls_cluster,
     tls_files,
     tls_server,
     valkey_binary,
@@ -40,7 +44,17 @@ from tests.redis_topologies import (
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 KEY = TokenKey("defender", "11111111-2222-3333-4444-555555555555", "https://api.security.microsoft.com")
-CACHE_OPTIONS = CacheOptions(l1_max_tokens=100, local_max_entries=100)
+
+
+def _cluster_keys(batch: int, size: int = 8) -> list[TokenKey]:
+    """``size`` keys of distinct tenants, new for each ``batch``: spread over a cluster's nodes (the
+    cluster tests check that every node got some)."""
+    return [KEY._replace(tenant=f"{n:08x}-{batch:04x}-3333-4444-555555555555") for n in range(1, size + 1)]
+
+
+# Calls in flight bounded by the connections per node, as config.py derives them from one setting (a
+# cluster node's pool refuses a connection beyond its size, and redis-py then refreshes the topology).
+CACHE_OPTIONS = CacheOptions(l1_max_tokens=100, local_max_entries=100, redis_max_concurrent_calls=8)
 
 
 def _options(url: str, **changes: Any) -> RedisOptions:
@@ -48,8 +62,8 @@ def _options(url: str, **changes: Any) -> RedisOptions:
     return replace(options, **changes)
 
 
-def _token(seconds: float = 600) -> AccessToken:
-    return AccessToken("a.b.c", time.time() + seconds, KEY.tenant, KEY.resource)
+def _token(seconds: float = 600, key: TokenKey = KEY) -> AccessToken:
+    return AccessToken("a.b.c", time.time() + seconds, key.tenant, key.resource)
 
 
 @contextlib.asynccontextmanager
@@ -67,14 +81,14 @@ async def _cache(
         await cache.close()
 
 
-async def _round_trip(cache: TokenCache) -> None:
+async def _round_trip(cache: TokenCache, key: TokenKey = KEY) -> None:
     """What one acquisition does with Redis: lookup, lease, lookup, store, release; then a hit."""
-    assert (await cache.lookup(KEY)).token is None
-    async with cache.lease(KEY, 5, cache.new_holder()) as lease:
+    assert (await cache.lookup(key)).token is None
+    async with cache.lease(key, 5, cache.new_holder()) as lease:
         assert Lease.ACQUIRED == lease, cache.redis_last_error
-        await cache.lookup(KEY)
-        await cache.store(KEY, _token())
-    assert (await cache.lookup(KEY)).token is not None
+        await cache.lookup(key)
+        await cache.store(key, _token(key=key))
+    assert (await cache.lookup(key)).token is not None
     assert await cache.ping()
 
 
@@ -117,6 +131,44 @@ async def test_mutual_tls(tls: TlsFiles, tmp_path: Path) -> None:
             assert not await cache.ping()
     finally:
         server.stop()
+
+
+async def test_tls_on_every_node_of_a_cluster(tls: TlsFiles, tmp_path: Path) -> None:
+    """rediss:// on a Cluster whose nodes speak TLS to clients and on their bus: the cluster client
+    reaches every node on its TLS port (the nodes name those to a TLS client), and a purge broadcast
+    arrives; a CA that did not sign the nodes' certificates is a failed connection."""
+    cluster, tls_ports = tls_cluster(tmp_path, tls)
+    with started(cluster):
+        options = _options(f"rediss://127.0.0.1:{tls_ports[0]}/0", mode="cluster", ca_file=tls.ca)
+        async with _cache(options) as (cache, metrics):
+            listener = asyncio.create_task(cache.listen_for_purges())
+            try:
+                await asyncio.gather(*(_round_trip(cache, key) for key in _cluster_keys(0, 16)))
+                assert all(cluster.keys("*")), "the keys live on every node"
+                for node, tls_port in zip(cluster.nodes, tls_ports, strict=True):
+                    assert tls_port in client_ports(node.port)
+                await _wait(lambda: _subscribed(cluster) >= 1, "the purge listener subscribed", 10)
+                await cache.store(KEY, _token())
+                assert cache.get_local(KEY) is not None
+                await purge_tenant(options, KEY.tenant)
+                await _wait(lambda: cache.get_local(KEY) is None, "purge broadcast", 5)
+                assert 0 == sum(_samples(metrics, "broker_redis_failures_total").values())
+            finally:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+        async with _cache(replace(options, ca_file=tls.other_ca)) as (cache, _):
+            assert not await cache.ping()
+            assert cache.redis_last_error is not None
+            assert cache.redis_last_error.startswith("probe: connection")
+            assert (await cache.lookup(KEY)).token is None  # fail open: the cluster client's own error
+
+
+def _subscribed(cluster: Cluster) -> int:
+    """Subscribers of the purge channel on any node of ``cluster``."""
+    return sum(
+        int(count) for node in cluster.nodes for _, count in admin(node.port).pubsub_numsub(PURGE_CHANNEL)
+    )
 
 
 # --- ACL ---------------------------------------------------------------------------------------------
@@ -272,6 +324,42 @@ async def test_entra_tokens_are_renewed_on_live_connections(emulator: Emulator, 
                 assert credentials.generation >= 2
                 assert (0, 0) == (gate.stats.expired_cuts, gate.stats.rejected)
                 await cache.store(KEY, _token())
+                await purge_tenant(options, KEY.tenant, credentials=credentials)
+                await _wait(lambda: cache.get_local(KEY) is None, "purge broadcast", 5)
+            finally:
+                for task in (listener, renewer):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+
+async def test_entra_tokens_are_renewed_on_every_cluster_node(emulator: Emulator, tmp_path: Path) -> None:
+    """The same on a 3-master Cluster with a gate in front of every node (Azure's clustered caches):
+    the renewed token reaches every node's connections, the idle ones re-authenticated and the busy
+    ones reconnected when their command is done, so no node cuts a connection at expiry."""
+    emulator.set_token_lifetime(45)  # renewed 15 s before expiry
+    with started(GatedCluster(tmp_path, emulator.public_key_pem, _object_id(emulator))) as cluster:
+        options = _options(cluster.url, mode="cluster", entra=True)
+        credentials = EntraRedisCredentials(_credential(emulator))
+        async with _cache(options, credentials) as (cache, metrics):
+            listener = asyncio.create_task(cache.listen_for_purges())
+            renewer = asyncio.create_task(cache.keep_credentials_renewed())
+            try:
+                started_at = time.monotonic()
+                for rounds in itertools.count():
+                    if time.monotonic() - started_at > 48:  # past the first token's expiry
+                        break
+                    # Several new keys at once, so connections to the nodes are busy when renewal comes.
+                    await asyncio.gather(*(_round_trip(cache, key) for key in _cluster_keys(rounds)))
+                    await purge_tenant(options, KEY.tenant, credentials=credentials)
+                    await asyncio.sleep(0.2)
+                assert credentials.generation >= 2
+                assert all(gate.stats.auths >= 2 for gate in cluster.gates)  # every node saw a renewal
+                assert (0, 0) == (cluster.expired_cuts, cluster.rejected)
+                assert 0 == sum(_samples(metrics, "broker_redis_failures_total").values())
+                assert all(cluster.cluster.keys("*")), "the keys live on every node"
+                await cache.store(KEY, _token())
+                assert cache.get_local(KEY) is not None
                 await purge_tenant(options, KEY.tenant, credentials=credentials)
                 await _wait(lambda: cache.get_local(KEY) is None, "purge broadcast", 5)
             finally:
