@@ -284,6 +284,13 @@ class EntraClient:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._session.close()
 
+    def forget_tenant(self, tenant: str) -> None:
+        """Drop the MSAL clients of ``tenant`` (offboarding): the next acquisition starts afresh,
+        OpenID discovery of the tenant included."""
+        with self._clients_lock:
+            for key in [key for key in self._clients if key[1] == tenant]:
+                del self._clients[key]
+
     def consent_url(self, key: TokenKey) -> str:
         return consent_url(
             self._options.authority_host, key.tenant, self._options.apps[key.app].client_id, key.resource

@@ -77,6 +77,9 @@ class TokenSource(Protocol):
 
     def consent_url(self, key: TokenKey) -> str: ...
 
+    def forget_tenant(self, tenant: str) -> None:
+        """Drop whatever the source keeps per tenant (offboarding)."""
+
 
 class TenantDirectory(Protocol):
     """Names tenants by their GUID (``tenants.TenantResolver`` in production)."""
@@ -540,10 +543,12 @@ class TokenBroker:
             delay = min(delay * 2, POLL_MAX_SECONDS)
 
     def forget_tenant(self, tenant: str) -> None:
-        """Forget what this process remembers per key of ``tenant`` (offboarding)."""
+        """Forget what this process remembers per key of ``tenant`` (offboarding), and what the
+        token source keeps for it."""
         for memory in (self._lifetimes, self._refreshing):
             for key in [k for k in memory if k.tenant == tenant]:
                 del memory[key]
+        self._source.forget_tenant(tenant)
 
     # --- refresh ahead ------------------------------------------------------------------------------
 

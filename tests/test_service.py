@@ -94,6 +94,9 @@ class FakeTokenSource:
     def consent_url(self, key: TokenKey) -> str:
         return f"https://login.example/{key.tenant}/v2.0/adminconsent?client_id={CLIENT_ID}"
 
+    def forget_tenant(self, tenant: str) -> None:
+        pass  # nothing kept per tenant
+
 
 def request(
     tenant: str = TENANT, resource: str = RESOURCE, *, roles: tuple[str, ...] = (), min_ttl: int = 300

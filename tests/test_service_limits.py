@@ -53,6 +53,9 @@ class FakeSource:
     def consent_url(self, key: TokenKey) -> str:
         return f"https://login.example/{key.tenant}/adminconsent"
 
+    def forget_tenant(self, tenant: str) -> None:
+        pass  # nothing kept per tenant
+
 
 def _settings(soar_hash: str, hunter: dict[str, Any] | None = None, **caller: Any) -> Settings:
     """One app; ``soar`` (every tenant, ``caller`` overrides) and ``hunter`` (one tenant, unless

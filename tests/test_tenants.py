@@ -383,6 +383,9 @@ class GatedSource:
     def consent_url(self, key: TokenKey) -> str:
         return f"https://login.example/{key.tenant}/adminconsent"
 
+    def forget_tenant(self, tenant: str) -> None:
+        pass  # nothing kept per tenant
+
 
 def _sweep_stack(**top: Any) -> tuple[TokenBroker, TenantRegistry, TenantSweep, GatedSource]:
     settings = _settings(top)

@@ -341,7 +341,8 @@ def test_delete_removes_every_trace_on_every_replica(
     """Tenant C, used by both domains and its GUID for two resources on two replicas, then offboarded
     by one of its domains: the answer says what went (2 tokens, 2 domain mappings, the registry
     entry), no Redis key names the tenant or its domains any more while tenant A's remain, both
-    replicas heard it, and each asks Entra afresh for C (nothing was left in their memory)."""
+    replicas heard it, and each asks Entra afresh for C (nothing was left in their memory: the
+    replica that had acquired C's tokens discovers the tenant again, its MSAL client gone too)."""
     admin_key = _with_admin(world)
     config = world.broker_config(redis_url)
     brokers = [start_broker(config, world.env, name=f"r{i}") for i in (1, 2)]
@@ -353,6 +354,7 @@ def test_delete_removes_every_trace_on_every_replica(
                 assert 200 == response.status_code, response.text
                 old[resource] = response.json()["access_token"] if tenant == TENANT_C else old.get(resource)
     assert 2 == world.emulator.token_requests(tenant=TENANT_C, client_id=APP_ID)
+    discovered = _discoveries(world, TENANT_C)
 
     removed = _admin(brokers[0], admin_key, "DELETE", f"/v1/tenants/{DOMAIN_C2}")
     assert 200 == removed.status_code, removed.text
@@ -375,12 +377,21 @@ def test_delete_removes_every_trace_on_every_replica(
         lambda: all("offboarding broadcast received" in b.log_text() for b in brokers), 10, "the broadcast"
     )
     assert 404 == _admin(brokers[1], admin_key, "GET", f"/v1/tenants/{TENANT_C}").status_code
-    for broker in reversed(brokers):
+    for broker in brokers:  # r1 acquired C's tokens before: it acquires again, r2 finds it in Redis
         response = ask(broker, world.soar_key, {"tenant": DOMAIN_C, "resource": DEFENDER})
         assert 200 == response.status_code
         assert old[DEFENDER] != response.json()["access_token"]
     assert 3 == world.emulator.token_requests(tenant=TENANT_C, client_id=APP_ID)
+    # Two more discovery requests for C: its domain again (the mapping was dropped), and the tenant
+    # again for r1's new MSAL client (the old one was dropped with the rest).
+    assert discovered + 2 == _discoveries(world, TENANT_C)
     assert [DOMAIN_C] == _admin(brokers[1], admin_key, "GET", f"/v1/tenants/{TENANT_C}").json()["domains"]
+
+
+def _discoveries(world: World, tenant: str) -> int:
+    """OpenID discovery requests for ``tenant``: MSAL's (once per client it builds) and the tenant
+    resolver's for each of its domains (the emulator logs those under the GUID too)."""
+    return sum(1 for r in world.emulator.requests("discovery") if r["tenant_id"] == tenant)
 
 
 def test_the_admin_api_is_for_admin_callers_only_and_audited(world: World, start_broker: StartBroker) -> None:
