@@ -1,6 +1,7 @@
 """The Redis client factory and the cache against real servers on loopback: TLS with a private CA and
-mTLS, an ACL user holding exactly the README's rules (on Redis and on Valkey, standalone and Cluster),
-and Entra ID authentication whose tokens expire while connections live.
+mTLS (one server, and a Cluster speaking TLS on every node and its bus), an ACL user holding exactly
+the README's rules (on Redis and on Valkey, standalone and Cluster), and Entra ID authentication whose
+tokens expire while connections live (one server, and a Cluster with a gate in front of every node).
 
 In process (no broker subprocess): each test drives ``TokenCache`` and ``purge_tenant`` themselves
 through the one factory, ``connect_redis``.
