@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -306,12 +307,15 @@ class EntraGate:
     SECRET = "gate-password"
 
     def __init__(
-        self, backend: RedisServer, public_key: Any, object_id: str, port: int | None = None
+        self, backend: RedisServer, public_key: Any, object_id: str, listener: socket.socket | None = None
     ) -> None:
         self.backend = backend
         self.public_key = public_key
         self.object_id = object_id
-        self.port = port or free_port()
+        # Bound before the gate serves, so the port is the gate's from the start (a cluster node
+        # announces it before its gate starts).
+        self._socket = listener or socket.create_server(("127.0.0.1", 0))
+        self.port = self._socket.getsockname()[1]
         self.stats = GateStats()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -323,10 +327,16 @@ class EntraGate:
         )
         self._thread.start()
         self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._serve, "127.0.0.1", self.port), self._loop
+            asyncio.start_server(self._serve, sock=self._socket), self._loop
         ).result(10)
 
     def stop(self) -> None:
+        """Stop serving (and close the socket, whether the gate started or not)."""
+        if not self._thread.is_alive():
+            self._socket.close()
+            self._loop.close()
+            return
+
         async def close() -> None:
             if self._server is not None:
                 self._server.close()
@@ -401,13 +411,13 @@ class GatedCluster:
     its gate (as Azure's clustered caches take Entra tokens on every node)."""
 
     def __init__(self, workdir: Path, public_key: Any, object_id: str) -> None:
-        ports = [free_port() for _ in range(3)]
+        listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(3)]
+        ports = [listener.getsockname()[1] for listener in listeners]
         self.cluster = Cluster(workdir, lambda i: ["--cluster-announce-port", str(ports[i])])
         self.gates = [
-            EntraGate(node, public_key, object_id, port)
-            for node, port in zip(self.cluster.nodes, ports, strict=True)
+            EntraGate(node, public_key, object_id, listener)
+            for node, listener in zip(self.cluster.nodes, listeners, strict=True)
         ]
-        self._started: list[EntraGate] = []
 
     @property
     def url(self) -> str:
@@ -426,11 +436,10 @@ class GatedCluster:
             node.start()
         for gate in self.gates:  # before the cluster forms: redis-cli checks it through the gates
             gate.start()
-            self._started.append(gate)
         self.cluster.create()
 
     def stop(self) -> None:
-        for gate in self._started:
+        for gate in self.gates:
             gate.stop()
         self.cluster.stop()
 
@@ -455,7 +464,14 @@ def _encode(command: list[bytes]) -> bytes:
 
 @contextlib.contextmanager
 def started(thing: Any) -> Iterator[Any]:
-    thing.start()
+    """``thing`` started for the block and stopped after it; stopped too when starting fails partway
+    (no server process or gate thread outlives a failed start)."""
+    try:
+        thing.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            thing.stop()
+        raise
     try:
         yield thing
     finally:

@@ -82,6 +82,31 @@ async def _cache(
         await cache.close()
 
 
+@contextlib.asynccontextmanager
+async def _listening(cache: TokenCache, *, renewing: bool = False) -> AsyncIterator[None]:
+    """The cache's purge listener (and, ``renewing``, its Entra token renewal) running for the block."""
+    tasks = [asyncio.create_task(cache.listen_for_purges())]
+    if renewing:
+        tasks.append(asyncio.create_task(cache.keep_credentials_renewed()))
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _purge_broadcast_arrives(
+    cache: TokenCache, options: RedisOptions, credentials: EntraRedisCredentials | None = None
+) -> None:
+    """A token in this replica's L1 is gone soon after ``purge_tenant`` broadcasts its tenant."""
+    await cache.store(KEY, _token())
+    assert cache.get_local(KEY) is not None
+    await purge_tenant(options, KEY.tenant, credentials=credentials)
+    await _wait(lambda: cache.get_local(KEY) is None, "purge broadcast", 5)
+
+
 async def _round_trip(cache: TokenCache, key: TokenKey = KEY) -> None:
     """What one acquisition does with Redis: lookup, lease, lookup, store, release; then a hit."""
     assert (await cache.lookup(key)).token is None
@@ -141,23 +166,14 @@ async def test_tls_on_every_node_of_a_cluster(tls: TlsFiles, tmp_path: Path) -> 
     cluster, tls_ports = tls_cluster(tmp_path, tls)
     with started(cluster):
         options = _options(f"rediss://127.0.0.1:{tls_ports[0]}/0", mode="cluster", ca_file=tls.ca)
-        async with _cache(options) as (cache, metrics):
-            listener = asyncio.create_task(cache.listen_for_purges())
-            try:
-                await asyncio.gather(*(_round_trip(cache, key) for key in _cluster_keys(0, 16)))
-                assert all(cluster.keys("*")), "the keys live on every node"
-                for node, tls_port in zip(cluster.nodes, tls_ports, strict=True):
-                    assert tls_port in client_ports(node.port)
-                await _wait(lambda: _subscribed(cluster) >= 1, "the purge listener subscribed", 10)
-                await cache.store(KEY, _token())
-                assert cache.get_local(KEY) is not None
-                await purge_tenant(options, KEY.tenant)
-                await _wait(lambda: cache.get_local(KEY) is None, "purge broadcast", 5)
-                assert 0 == sum(_samples(metrics, "broker_redis_failures_total").values())
-            finally:
-                listener.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await listener
+        async with _cache(options) as (cache, metrics), _listening(cache):
+            await asyncio.gather(*(_round_trip(cache, key) for key in _cluster_keys(0, 16)))
+            assert all(cluster.keys("*")), "the keys live on every node"
+            for node, tls_port in zip(cluster.nodes, tls_ports, strict=True):
+                assert tls_port in client_ports(node.port)
+            await _wait(lambda: _subscribed(cluster) >= 1, "the purge listener subscribed", 10)
+            await _purge_broadcast_arrives(cache, options)
+            assert 0 == sum(_samples(metrics, "broker_redis_failures_total").values())
         async with _cache(replace(options, ca_file=tls.other_ca)) as (cache, _):
             assert not await cache.ping()
             assert cache.redis_last_error is not None
@@ -313,25 +329,15 @@ async def test_entra_tokens_are_renewed_on_live_connections(emulator: Emulator, 
     with started(backend), started(EntraGate(backend, emulator.public_key_pem, _object_id(emulator))) as gate:
         options = _options(f"redis://127.0.0.1:{gate.port}/0", entra=True)
         credentials = EntraRedisCredentials(_credential(emulator))
-        async with _cache(options, credentials) as (cache, _):
-            listener = asyncio.create_task(cache.listen_for_purges())
-            renewer = asyncio.create_task(cache.keep_credentials_renewed())
-            try:
-                started_at = time.monotonic()
-                while time.monotonic() - started_at < 48:  # past the first token's expiry
-                    await _round_trip(cache)
-                    await purge_tenant(options, KEY.tenant, credentials=credentials)
-                    await asyncio.sleep(0.5)
-                assert credentials.generation >= 2
-                assert (0, 0) == (gate.stats.expired_cuts, gate.stats.rejected)
-                await cache.store(KEY, _token())
+        async with _cache(options, credentials) as (cache, _), _listening(cache, renewing=True):
+            started_at = time.monotonic()
+            while time.monotonic() - started_at < 48:  # past the first token's expiry
+                await _round_trip(cache)
                 await purge_tenant(options, KEY.tenant, credentials=credentials)
-                await _wait(lambda: cache.get_local(KEY) is None, "purge broadcast", 5)
-            finally:
-                for task in (listener, renewer):
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                await asyncio.sleep(0.5)
+            assert credentials.generation >= 2
+            assert (0, 0) == (gate.stats.expired_cuts, gate.stats.rejected)
+            await _purge_broadcast_arrives(cache, options, credentials)
 
 
 async def test_entra_tokens_are_renewed_on_every_cluster_node(emulator: Emulator, tmp_path: Path) -> None:
@@ -342,32 +348,21 @@ async def test_entra_tokens_are_renewed_on_every_cluster_node(emulator: Emulator
     with started(GatedCluster(tmp_path, emulator.public_key_pem, _object_id(emulator))) as cluster:
         options = _options(cluster.url, mode="cluster", entra=True)
         credentials = EntraRedisCredentials(_credential(emulator))
-        async with _cache(options, credentials) as (cache, metrics):
-            listener = asyncio.create_task(cache.listen_for_purges())
-            renewer = asyncio.create_task(cache.keep_credentials_renewed())
-            try:
-                started_at = time.monotonic()
-                for rounds in itertools.count():
-                    if time.monotonic() - started_at > 48:  # past the first token's expiry
-                        break
-                    # Several new keys at once, so connections to the nodes are busy when renewal comes.
-                    await asyncio.gather(*(_round_trip(cache, key) for key in _cluster_keys(rounds)))
-                    await purge_tenant(options, KEY.tenant, credentials=credentials)
-                    await asyncio.sleep(0.2)
-                assert credentials.generation >= 2
-                assert all(gate.stats.auths >= 2 for gate in cluster.gates)  # every node saw a renewal
-                assert (0, 0) == (cluster.expired_cuts, cluster.rejected)
-                assert 0 == sum(_samples(metrics, "broker_redis_failures_total").values())
-                assert all(cluster.cluster.keys("*")), "the keys live on every node"
-                await cache.store(KEY, _token())
-                assert cache.get_local(KEY) is not None
+        async with _cache(options, credentials) as (cache, metrics), _listening(cache, renewing=True):
+            started_at = time.monotonic()
+            for rounds in itertools.count():
+                if time.monotonic() - started_at > 48:  # past the first token's expiry
+                    break
+                # Several new keys at once, so connections to the nodes are busy when renewal comes.
+                await asyncio.gather(*(_round_trip(cache, key) for key in _cluster_keys(rounds)))
                 await purge_tenant(options, KEY.tenant, credentials=credentials)
-                await _wait(lambda: cache.get_local(KEY) is None, "purge broadcast", 5)
-            finally:
-                for task in (listener, renewer):
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                await asyncio.sleep(0.2)
+            assert credentials.generation >= 2
+            assert all(gate.stats.auths >= 2 for gate in cluster.gates)  # every node saw a renewal
+            assert (0, 0) == (cluster.expired_cuts, cluster.rejected)
+            assert 0 == sum(_samples(metrics, "broker_redis_failures_total").values())
+            assert all(cluster.cluster.keys("*")), "the keys live on every node"
+            await _purge_broadcast_arrives(cache, options, credentials)
 
 
 async def test_the_gate_cuts_connections_whose_token_expired(emulator: Emulator, tmp_path: Path) -> None:
